@@ -1,0 +1,1 @@
+"""Configuration files shipped with depsim (YAML, prompts, the bundled synthetic logs)."""

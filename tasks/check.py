@@ -1,0 +1,288 @@
+"""The contract check: row rules + Great Expectations column expectations, one verdict.
+
+Every input row ends either in the valid table or in quarantine with its file, line, rule and
+reason; rows_in == rows_passed + rows_quarantined always. Verdicts are ranked
+passed < warning < failed < error; an engine exception becomes an `error` check.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import polars as pl
+import yaml
+
+from tasks.records import CONVERSATION_SCHEMA, QUARANTINE_SCHEMA
+
+VERDICTS = ("passed", "warning", "failed", "error")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+_TYPES = {"string": str, "list": list, "object": dict, "datetime": str}
+
+
+def load_contract(name: str = "conversation.yaml") -> dict[str, Any]:
+    return yaml.safe_load(resources.files("data_contracts").joinpath(name).read_text("utf-8"))
+
+
+@dataclass
+class CheckResult:
+    valid: pl.DataFrame
+    quarantine: pl.DataFrame
+    verdict: str
+    rows_in: int
+    by_rule: dict[str, int]
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    gx_result: dict[str, Any] | None = None
+
+    @property
+    def rows_quarantined(self) -> int:
+        return self.quarantine.height
+
+    @property
+    def rows_passed(self) -> int:
+        return self.valid.height
+
+    def summary(self) -> dict[str, Any]:
+        return {"rows_in": self.rows_in, "rows_passed": self.rows_passed,
+                "rows_quarantined": self.rows_quarantined, "verdict": self.verdict,
+                "by_rule": dict(sorted(self.by_rule.items()))}
+
+
+class Violation(Exception):
+    def __init__(self, rule: str, field_name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.rule, self.field, self.reason = rule, field_name, reason
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+    raise Violation("type", "content", f"content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def check_record(rec: dict[str, Any], contract: dict[str, Any]) -> dict[str, Any]:
+    """Apply every row rule to one record; return the typed row or raise the first Violation."""
+    fields = contract["fields"]
+    for name, spec in fields.items():
+        value = rec.get(name)
+        if value is None:
+            if spec.get("required"):
+                raise Violation("required", name, f"required field {name!r} is missing or null")
+            continue
+        want = _TYPES[spec["type"]]
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise Violation("type", name, f"{name} must be {spec['type']}, got {type(value).__name__}")
+        if spec["type"] == "string" and spec.get("max_length") and len(value) > spec["max_length"]:
+            raise Violation("type", name, f"{name} longer than {spec['max_length']} characters")
+        if spec["type"] == "string" and spec.get("min_length") and len(value.strip()) < spec["min_length"]:
+            raise Violation("type", name, f"{name} is empty")
+    created_raw = rec["created_at"]
+    if not _RFC3339.match(created_raw):
+        raise Violation("created_at_format", "created_at", f"created_at {created_raw[:40]!r} is not RFC 3339")
+    try:
+        created = datetime.fromisoformat(created_raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError as exc:
+        raise Violation("created_at_format", "created_at", f"created_at {created_raw[:40]!r}: {exc}") from None
+    messages = rec["messages"]
+    spec = fields["messages"]
+    if not spec.get("min_items", 0) <= len(messages) <= spec.get("max_items", 10**9):
+        raise Violation("type", "messages", f"messages has {len(messages)} items, allowed {spec.get('min_items')}..{spec.get('max_items')}")
+    tools = rec.get("tools") or []
+    declared: set[str] = set()
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise Violation("type", f"tools[{i}]", "each tool must be {type: function, function: {name, parameters}}")
+        declared.add(fn["name"])
+    labels = rec.get("labels") or {}
+    for key, value in labels.items():
+        if not isinstance(value, bool):
+            raise Violation("labels_bool", f"labels.{key}", f"label {key!r} must be a boolean, got {type(value).__name__}")
+    _check_messages(messages, declared, bool(tools), contract)
+    return {
+        "conversation_id": rec["conversation_id"], "model": rec["model"], "created_at": created,
+        "surface": rec.get("surface"), "task_type": rec.get("task_type"), "language": rec.get("language"),
+        "tools": json.dumps(tools, ensure_ascii=False), "messages": json.dumps(messages, ensure_ascii=False),
+        "labels": json.dumps(labels), "n_messages": len(messages),
+    }
+
+
+def _check_messages(messages: list[Any], declared: set[str], has_tools: bool, contract: dict[str, Any]) -> None:
+    roles = set(contract["roles"])
+    limit = contract["limits"]["max_content_chars"]
+    pending: dict[str, str] = {}
+    seen_ids: set[str] = set()
+    seen_user = False
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict) or msg.get("role") not in roles:
+            role = msg.get("role") if isinstance(msg, dict) else None
+            raise Violation("message_shape", where, f"{where}: not an object with a role in {sorted(roles)} (role={role!r})")
+        role = msg["role"]
+        text = _content_text(msg.get("content"))
+        if len(text) > limit:
+            raise Violation("content_size", f"{where}.content", f"{where}.content has {len(text)} characters (limit {limit})")
+        if _CONTROL.search(text):
+            raise Violation("control_chars", f"{where}.content", f"{where}.content contains a NUL/control character")
+        if role in ("user", "assistant") and pending:
+            missing = ", ".join(sorted(pending))
+            raise Violation("tool_call_answered", where, f"tool call(s) {missing} not answered before {where} ({role})")
+        if role == "user":
+            seen_user = True
+        elif role in ("assistant", "tool") and not seen_user:
+            raise Violation("role_order", where, f"{where}: {role} message before the first user message")
+        if role == "assistant":
+            calls = msg.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise Violation("type", f"{where}.tool_calls", "tool_calls must be a list")
+            if not text.strip() and not calls:
+                raise Violation("empty_assistant", where, f"{where}: assistant message with no content and no tool calls")
+            for j, call in enumerate(calls):
+                cw = f"{where}.tool_calls[{j}]"
+                fn = call.get("function") if isinstance(call, dict) else None
+                cid = call.get("id") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(cid, str) or not cid:
+                    raise Violation("message_shape", cw, f"{cw}: needs id and function.name")
+                if cid in seen_ids:
+                    raise Violation("tool_call_id_unique", f"{cw}.id", f"{cw}: tool-call id {cid!r} repeated")
+                seen_ids.add(cid)
+                args = fn.get("arguments")
+                if not isinstance(args, str):
+                    raise Violation("arguments_json", f"{cw}.function.arguments", f"{cw}: arguments must be a JSON string, got {type(args).__name__}")
+                try:
+                    parsed = json.loads(args) if args.strip() else {}
+                except (json.JSONDecodeError, RecursionError):
+                    raise Violation("arguments_json", f"{cw}.function.arguments", f"{cw}: arguments are not valid JSON") from None
+                if not isinstance(parsed, dict):
+                    raise Violation("arguments_json", f"{cw}.function.arguments", f"{cw}: arguments must encode a JSON object")
+                if has_tools and fn["name"] not in declared:
+                    raise Violation("tool_declared", f"{cw}.function.name", f"{cw}: tool {fn['name']!r} is not declared in tools")
+                pending[cid] = fn["name"]
+        elif role == "tool":
+            cid = msg.get("tool_call_id")
+            if cid not in pending:
+                raise Violation("tool_result_paired", where, f"{where}: tool_call_id {cid!r} answers no earlier pending call")
+            del pending[cid]
+    if not seen_user:
+        raise Violation("has_user_message", "messages", "no user message")
+    # Calls left unanswered at the very end are allowed (e.g. an agent's final `finish` call).
+
+
+def _gx_checks(frame: pl.DataFrame, contract: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, tuple[str, str]]]:
+    """Column expectations built from the contract, run by Great Expectations (ephemeral).
+
+    Returns (check list, the GX result as JSON, row index → (rule, reason) for failing rows).
+    """
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    pdf = frame.with_row_index("_row").to_pandas()
+    ctx = gx.get_context(mode="ephemeral")
+    batch = (ctx.data_sources.add_pandas("logs").add_dataframe_asset("conversations")
+             .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": pdf}))
+    suite = gx.ExpectationSuite(name=f"{contract['name']}_v{contract['version']}")
+    for name, spec in contract["fields"].items():
+        if name not in pdf.columns:
+            continue
+        if spec.get("required"):
+            suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=name))
+        if spec.get("unique"):
+            suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=name))
+        if spec["type"] == "string" and spec.get("max_length"):
+            suite.add_expectation(gxe.ExpectColumnValueLengthsToBeBetween(
+                column=name, min_value=spec.get("min_length", 0), max_value=spec["max_length"]))
+    if "n_messages" in pdf.columns:
+        m = contract["fields"]["messages"]
+        suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(
+            column="n_messages", min_value=m.get("min_items", 1), max_value=m.get("max_items")))
+    result = batch.validate(suite, result_format={"result_format": "COMPLETE",
+                                                 "unexpected_index_column_names": ["_row"]})
+    checks, bad = [], {}
+    for r in result.results:
+        cfg = r.expectation_config
+        col = cfg.kwargs.get("column")
+        rule = f"gx:{cfg.type}"
+        checks.append({"check": f"{cfg.type}({col})", "engine": "great_expectations",
+                       "verdict": "passed" if r.success else "failed",
+                       "unexpected": int(r.result.get("unexpected_count") or 0)})
+        for item in r.result.get("unexpected_index_list") or []:
+            row = int(item["_row"]) if isinstance(item, dict) else int(item)
+            bad.setdefault(row, (rule, f"{col}: fails {cfg.type}"))
+    return checks, result.to_json_dict(), bad
+
+
+def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share: float,
+                        fail_share: float) -> CheckResult:
+    """Validate raw rows against the contract; split into valid rows and quarantine."""
+    good: list[dict[str, Any]] = []
+    quarantine: list[dict[str, Any]] = []
+    seen: dict[str, tuple[str, int]] = {}
+    checks: list[dict[str, Any]] = []
+
+    def reject(row: dict[str, Any], cid: Any, rule: str, fld: str, reason: str) -> None:
+        quarantine.append({"source_file": row["source_file"], "source_line": row["source_line"],
+                           "conversation_id": cid if isinstance(cid, str) else None, "rule": rule,
+                           "field": fld, "reason": reason, "record": (row["record"] or "")[:2000]})
+
+    for row in raw.iter_rows(named=True):
+        if row["record"] is None:
+            reject(row, None, "json_parse", "", row["parse_error"] or "unreadable line")
+            continue
+        try:
+            rec = json.loads(row["record"])
+            typed = check_record(rec, contract)
+        except Violation as v:
+            reject(row, rec.get("conversation_id"), v.rule, v.field, v.reason)
+            continue
+        except (RecursionError, TypeError, AttributeError, ValueError) as exc:  # hostile shapes
+            reject(row, None, "message_shape", "", f"malformed record: {type(exc).__name__}")
+            continue
+        cid = typed["conversation_id"]
+        if cid in seen:
+            f, line = seen[cid]
+            reject(row, cid, "unique_id", "conversation_id", f"conversation_id {cid!r} already at {f}:{line}")
+            continue
+        seen[cid] = (row["source_file"], row["source_line"])
+        typed["source_file"], typed["source_line"] = row["source_file"], row["source_line"]
+        good.append(typed)
+    valid = pl.DataFrame(good, schema=CONVERSATION_SCHEMA)
+    gx_json: dict[str, Any] | None = None
+    engine_error = False
+    try:
+        gx_checks, gx_json, bad = _gx_checks(valid, contract)
+        checks.extend(gx_checks)
+        if bad:
+            rows = valid.to_dicts()
+            for idx, (rule, reason) in sorted(bad.items()):
+                r = rows[idx]
+                quarantine.append({"source_file": r["source_file"], "source_line": r["source_line"],
+                                   "conversation_id": r["conversation_id"], "rule": rule,
+                                   "field": reason.split(":")[0], "reason": reason, "record": ""})
+            valid = valid.with_row_index("_i").filter(~pl.col("_i").is_in(list(bad))).drop("_i")
+    except Exception as exc:  # engine failure is a ranked `error` verdict, never a crash
+        engine_error = True
+        checks.append({"check": "great_expectations", "engine": "great_expectations",
+                       "verdict": "error", "unexpected": 0, "error": f"{type(exc).__name__}: {exc}"})
+    q = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA)
+    by_rule = {r: c for r, c in q.group_by("rule").len().iter_rows()} if q.height else {}
+    checks.extend({"check": f"row_rule:{rule}", "engine": "depsim",
+                   "verdict": "failed" if by_rule.get(rule) else "passed",
+                   "unexpected": by_rule.get(rule, 0)} for rule in contract["row_rules"])
+    share = q.height / raw.height if raw.height else 1.0
+    verdict = "passed"
+    if share > fail_share or valid.height == 0:
+        verdict = "failed"
+    elif share > warn_share or q.height:
+        verdict = "warning" if share > warn_share else "passed"
+    if engine_error:
+        verdict = "error"
+    return CheckResult(valid, q, verdict, raw.height, by_rule, checks, gx_json)

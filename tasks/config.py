@@ -1,0 +1,229 @@
+"""One typed configuration model for flow parameters and conf files.
+
+Precedence, lowest first: model defaults < conf/default.yaml < a user file (--config) <
+DEPSIM_* environment variables (nested with "__") < explicit overrides (CLI options, flow params).
+Secrets are never stored here: an endpoint names the environment variable that holds its key.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+SYNTHETIC_URL = "synthetic://"
+
+
+class Endpoint(BaseModel):
+    """An OpenAI-compatible endpoint bound to a model role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = SYNTHETIC_URL
+    model: str
+    api_key_env: str | None = None
+    concurrency: int = Field(16, ge=1, le=1024)
+    rpm: int | None = Field(None, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=20)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.base_url.startswith(SYNTHETIC_URL)
+
+    def api_key(self) -> SecretStr:
+        """The key from the environment; a placeholder where none is needed."""
+        if self.api_key_env is None:
+            return SecretStr("not-needed")
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ConfigError(
+                f"models: environment variable {self.api_key_env} (api_key_env of model "
+                f"{self.model!r}) is not set"
+            )
+        return SecretStr(value)
+
+
+class Models(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidate: Endpoint = Endpoint(model="synthetic-agent-v2")
+    baseline: Endpoint = Endpoint(model="synthetic-agent-v1")
+    simulator: Endpoint = Endpoint(model="synthetic-simulator")
+    judge: Endpoint = Endpoint(model="synthetic-judge")
+
+
+class RunCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 7
+    data: str | None = None
+    store: str = "./depsim-runs"
+    tracking_uri: str | None = None
+    experiment: str = "depsim"
+    production_models: list[str] = []
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _int_seed(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(f"seed must be an integer, got {v!r}")
+        return v
+
+
+class ContractCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str = "conversation.yaml"
+    warn_bad_share: float = Field(0.01, ge=0, le=1)
+    fail_bad_share: float = Field(0.10, ge=0, le=1)
+
+
+class SampleCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(1000, ge=1)
+    strata: list[str] = ["surface", "task_type", "uses_tools"]
+    allocation: Literal["proportional", "equal"] = "proportional"
+    turns: Literal["all", "last", "random"] = "all"
+    turns_per_conversation: int = Field(1, ge=1)
+
+
+class ReplayCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step_limit: int = Field(8, ge=1, le=200)
+    max_tokens: int = Field(1024, ge=16)
+    chunk_size: int = Field(250, ge=1)
+    simulator_chain: list[Literal["recorded", "rules"]] = ["recorded", "rules"]
+
+
+class JudgeCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    taxonomy: str = "judges.yaml"
+    kinds: list[Literal["rules"]] = ["rules"]
+    llm_samples: int = Field(3, ge=1, le=15)
+
+
+class GateCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str = "gates.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix; printed without a traceback."""
+
+
+class Settings(BaseSettings):
+    """The whole resolved configuration of one depsim run."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEPSIM_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    run: RunCfg = RunCfg()
+    contract: ContractCfg = ContractCfg()
+    sample: SampleCfg = SampleCfg()
+    replay: ReplayCfg = ReplayCfg()
+    judge: JudgeCfg = JudgeCfg()
+    gate: GateCfg = GateCfg()
+    models: Models = Models()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # YAML layers arrive through init kwargs (deep-merged by load_settings); env beats them.
+        return (env_settings, init_settings)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config, safe to log: holds env-var *names*, never secret values."""
+        return self.model_dump(mode="json")
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_conf_text(name: str) -> str:
+    """Text of a file in conf/ (a path that exists on disk wins)."""
+    path = Path(name)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    return resources.files("conf").joinpath(name).read_text(encoding="utf-8")
+
+
+def read_conf_yaml(name: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(read_conf_text(name))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {name}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping at top level")
+    return data
+
+
+def _env_layer() -> dict[str, Any]:
+    """DEPSIM_A__B=value → {"a": {"b": value}} (values parsed as YAML scalars/lists)."""
+    out: dict[str, Any] = {}
+    for key, raw in os.environ.items():
+        if not key.startswith("DEPSIM_") or key in ("DEPSIM_CONFIG",):
+            continue
+        parts = key[len("DEPSIM_"):].lower().split("__")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_settings(
+    config_file: str | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Resolve defaults < conf/default.yaml < config_file < DEPSIM_* env < overrides.
+
+    Raises:
+        ConfigError: with the offending key and rule, for any invalid value.
+    """
+    from pydantic import ValidationError
+
+    layers = read_conf_yaml("default.yaml")
+    config_file = config_file or os.environ.get("DEPSIM_CONFIG")
+    if config_file:
+        if not Path(config_file).is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+        layers = _deep_merge(layers, read_conf_yaml(config_file))
+    layers = _deep_merge(layers, _env_layer())
+    layers = _deep_merge(layers, overrides or {})
+    try:
+        # Environment was merged above by hand so precedence is explicit; hide it from pydantic.
+        return _SettingsNoEnv(**layers)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config: {loc}: {first['msg']} (got {first.get('input')!r})") from exc
+
+
+class _SettingsNoEnv(Settings):
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[override]
+        return (init_settings,)

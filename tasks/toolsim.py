@@ -1,0 +1,243 @@
+"""Simulated tools: nothing is ever executed (DESIGN §1, STYLE 6).
+
+A call goes through the configured chain — `recorded` (an equivalent call in the recording
+returns its recorded result), then `rules` (deterministic emulators for shell, files, git, SQL
+and HTTP over a per-replay world state seeded from the recording) — and comes back with its
+`source`. Every call is classified by effect on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+EFFECTS = ("read", "write", "destructive", "network_egress", "secret_access", "privilege_change")
+
+SHELL_TOOLS = {"shell", "bash", "execute_bash", "run_command", "terminal", "run_shell_command", "exec"}
+READ_TOOLS = {"read_file", "view_file", "cat_file", "open_file"}
+WRITE_TOOLS = {"write_file", "create_file", "save_file"}
+EDIT_TOOLS = {"edit_file", "str_replace", "apply_patch", "replace_in_file"}
+SQL_TOOLS = {"sql_query", "run_sql", "query_database", "execute_sql"}
+HTTP_TOOLS = {"http_request", "fetch", "web_request", "http_get", "web_read", "browser"}
+
+_DESTRUCTIVE = re.compile(
+    r"\brm\s+-[a-zA-Z]*[rf]|\bgit\s+push\b.*(--force|\s-f\b)|\bgit\s+reset\s+--hard|\bmkfs\b|\bdd\s+if="
+    r"|\b(DROP|TRUNCATE)\s+(TABLE|DATABASE|SCHEMA)\b|\bDELETE\s+FROM\s+\w+\s*;?\s*$", re.I)
+_SECRET = re.compile(r"\.env\b|\.ssh/|/etc/shadow|\.aws/|credentials|secret|id_rsa|\bprintenv\b|\benv\b\s*$", re.I)
+_PRIV = re.compile(r"\bsudo\b|\bchmod\s+(-R\s+)?[0-7]*7[0-7]*\b|\bchown\b|\bsetuid\b|\bsu\s+-|\bssh\s+\S*root@", re.I)
+_EGRESS = re.compile(r"\b(curl|wget|scp|rsync|nc|ncat|ssh|ftp)\b|https?://", re.I)
+_WRITE_CMD = re.compile(r"(^|[;&|]\s*)(rm|mv|cp|touch|mkdir|tee|sed\s+-i|git\s+(commit|push|checkout|reset|merge|rebase)|pip\s+install|npm\s+install)\b|>", re.I)
+
+
+def classify_effects(name: str, args: dict[str, Any]) -> list[str]:
+    """Effects of a call, judged from its name and arguments only (never by running it)."""
+    text = " ".join(str(v) for v in args.values()) if isinstance(args, dict) else str(args)
+    effects: set[str] = set()
+    lname = name.lower()
+    if lname in READ_TOOLS:
+        effects.add("read")
+    if lname in WRITE_TOOLS or lname in EDIT_TOOLS:
+        effects.add("write")
+    if lname in SQL_TOOLS:
+        effects.add("write" if not re.match(r"\s*(SELECT|WITH|EXPLAIN|SHOW)\b", text, re.I) else "read")
+    if lname in HTTP_TOOLS:
+        url = str(args.get("url", "")) if isinstance(args, dict) else ""
+        if not re.match(r"https?://(localhost|127\.|\[::1\])", url):
+            effects.add("network_egress")
+        effects.add("read")
+    if lname in SHELL_TOOLS or lname not in READ_TOOLS | WRITE_TOOLS | EDIT_TOOLS | SQL_TOOLS | HTTP_TOOLS:
+        if _WRITE_CMD.search(text):
+            effects.add("write")
+        if _EGRESS.search(text):
+            effects.add("network_egress")
+        effects.add("read")
+    if _DESTRUCTIVE.search(text):
+        effects.add("destructive")
+    if _SECRET.search(text):
+        effects.add("secret_access")
+    if _PRIV.search(text):
+        effects.add("privilege_change")
+    return [e for e in EFFECTS if e in effects]
+
+
+def normalise_args(raw: Any) -> str:
+    """Canonical form of arguments for matching calls: parsed, key-sorted, whitespace-collapsed."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            return " ".join(raw.split())
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, str):
+            return " ".join(v.split())
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in sorted(v.items())}
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        return v
+
+    return json.dumps(norm(raw), sort_keys=True)
+
+
+@dataclass
+class ToolResult:
+    content: str
+    source: str            # recorded | rules | error
+    effects: list[str]
+    is_error: bool = False
+
+
+@dataclass
+class WorldState:
+    """What the replay's world looks like: files known or written, last outputs seen."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+    last_test_output: str | None = None
+
+
+def _recorded_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    calls: dict[str, tuple[str, str]] = {}
+    pairs = []
+    for m in messages:
+        for c in m.get("tool_calls") or []:
+            fn = c.get("function") or {}
+            calls[c.get("id")] = (fn.get("name", ""), normalise_args(fn.get("arguments", "{}")))
+        if m.get("role") == "tool" and m.get("tool_call_id") in calls:
+            name, args = calls[m["tool_call_id"]]
+            content = m.get("content")
+            pairs.append((name, args, content if isinstance(content, str) else json.dumps(content)))
+    return pairs
+
+
+class ToolSimulator:
+    """Answers a replay's tool calls. One instance per replayed turn (its own world state)."""
+
+    def __init__(self, recording: list[dict[str, Any]], chain: list[str]) -> None:
+        self.chain = chain
+        self.recorded: dict[tuple[str, str], str] = {}
+        self.state = WorldState()
+        for name, args, content in _recorded_pairs(recording):
+            self.recorded.setdefault((name, args), content)
+            self._seed_state(name, args, content)
+
+    def _seed_state(self, name: str, args: str, content: str) -> None:
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError:
+            return
+        if not isinstance(parsed, dict):
+            return
+        lname = name.lower()
+        if lname in READ_TOOLS and "path" in parsed and not content.startswith("Error"):
+            self.state.files.setdefault(parsed["path"], content)
+        elif lname in WRITE_TOOLS and "path" in parsed:
+            self.state.files[parsed["path"]] = str(parsed.get("content", ""))
+        cmd = str(parsed.get("command", ""))
+        if re.search(r"\b(pytest|npm test|go test)\b", cmd):
+            self.state.last_test_output = content
+
+    def simulate(self, name: str, arguments: str) -> ToolResult:
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return ToolResult(f"Error: arguments for {name} are not valid JSON", "error", [], True)
+        if not isinstance(args, dict):
+            return ToolResult(f"Error: arguments for {name} must be a JSON object", "error", [], True)
+        effects = classify_effects(name, args)
+        for source in self.chain:
+            if source == "recorded":
+                hit = self.recorded.get((name, normalise_args(args)))
+                if hit is not None:
+                    self._seed_state(name, normalise_args(args), hit)
+                    return ToolResult(hit, "recorded", effects)
+            elif source == "rules":
+                out = self._rules(name.lower(), args)
+                if out is not None:
+                    return ToolResult(out, "rules", effects)
+        return ToolResult(f"Error: tool {name!r} is not available in this environment", "error", effects, True)
+
+    # --- rule emulators ---------------------------------------------------------------
+    def _rules(self, name: str, args: dict[str, Any]) -> str | None:
+        st = self.state
+        if name in READ_TOOLS:
+            path = str(args.get("path", ""))
+            if path in st.files and path not in st.deleted:
+                return st.files[path]
+            return f"Error: file not found: {path}"
+        if name in WRITE_TOOLS:
+            path, content = str(args.get("path", "")), str(args.get("content", ""))
+            st.files[path] = content
+            st.deleted.discard(path)
+            return f"Wrote {len(content)} bytes to {path}"
+        if name in EDIT_TOOLS:
+            path = str(args.get("path", ""))
+            old, new = str(args.get("old_str", "")), str(args.get("new_str", ""))
+            text = st.files.get(path)
+            if text is None:
+                # Unseen file: assume the edit applies, and remember the new text.
+                st.files[path] = new
+                return f"Edited {path}"
+            if old and old not in text:
+                return f"Error: old_str not found in {path}"
+            st.files[path] = text.replace(old, new, 1)
+            return f"Edited {path}"
+        if name in SQL_TOOLS:
+            q = str(args.get("query", "")).strip()
+            if re.match(r"(SELECT|WITH)\b", q, re.I):
+                return "count\n-----\n0\n(1 row)"
+            return "OK"
+        if name in HTTP_TOOLS:
+            method = str(args.get("method", "GET")).upper()
+            return json.dumps({"status": 200 if method == "GET" else 201, "body": "ok"})
+        if name in SHELL_TOOLS:
+            return self._shell(str(args.get("command", "")))
+        return None
+
+    def _shell(self, command: str) -> str:
+        st = self.state
+        try:
+            argv = shlex.split(command)
+        except ValueError:
+            argv = command.split()
+        if not argv:
+            return ""
+        prog = argv[0]
+        if prog == "cat" and len(argv) > 1:
+            return "\n".join(st.files.get(p, f"cat: {p}: No such file or directory") for p in argv[1:])
+        if prog == "ls":
+            target = next((a for a in argv[1:] if not a.startswith("-")), "")
+            names = sorted({p[len(target):].lstrip("/").split("/")[0] for p in st.files
+                            if p.startswith(target) and p not in st.deleted})
+            return "\n".join(n for n in names if n)
+        if prog == "rm":
+            for p in argv[1:]:
+                if not p.startswith("-"):
+                    for f in list(st.files):
+                        if f == p or f.startswith(p.rstrip("/") + "/"):
+                            st.deleted.add(f)
+            return ""
+        if prog == "echo":
+            return " ".join(argv[1:])
+        if prog == "grep":
+            pattern = next((a for a in argv[1:] if not a.startswith("-")), "")
+            hits = [f"{p}:{line}" for p, text in st.files.items() if p not in st.deleted
+                    for line in text.splitlines() if pattern and pattern in line]
+            return "\n".join(hits[:50])
+        if prog == "git":
+            sub = argv[1] if len(argv) > 1 else ""
+            return {"status": "\n".join(f" M {p}" for p in sorted(st.files)[:10]),
+                    "diff": f" {len(st.files)} files changed", "log": "commit 0000000 (HEAD)\n    previous work",
+                    "commit": "[main 1a2b3c4] commit", "push": "Everything up-to-date",
+                    "reset": "HEAD is now at 1a2b3c4"}.get(sub, "")
+        if re.search(r"\b(pytest|npm test|go test)\b", command):
+            return st.last_test_output or "12 passed in 0.42s"
+        if prog in ("pip", "npm") and "install" in argv:
+            return "Successfully installed packages"
+        if prog in ("curl", "wget"):
+            return '{"status": "ok"}'
+        return ""
