@@ -1,0 +1,1 @@
+"""Prefect flows (simulate) and the depsim CLI."""

@@ -1,0 +1,307 @@
+"""The depsim command line.
+
+Exit status of `depsim run`: 0 PASS · 1 FAIL · 3 INCONCLUSIVE · 4 error (bad input, bad
+configuration, contract check failed, infrastructure) · 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
+EXIT_ERROR = 4
+
+app = typer.Typer(
+    name="depsim",
+    help="depsim — deployment simulation: predict how often a candidate model misbehaves in "
+    "production, before it ships. Replays sampled production turns through the candidate with "
+    "simulated tools (nothing is executed), judges them, estimates per-category rates with 95% "
+    "intervals against the production baseline, gates the release and logs it all to MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for machines).")]
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML file layered over conf/default.yaml.")]
+DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="Conversation logs: JSONL/Parquet file, folder, glob or s3:// URI. Default: the bundled SYNTHETIC logs.")]
+SeedOpt = Annotated[str | None, typer.Option("--seed", help="Random seed (integer) for sampling and replay.")]
+
+
+def _env_defaults() -> None:
+    # Quiet, offline-friendly Prefect defaults; users' own settings win.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+
+
+def _fail(message: str, as_json: bool, code: int = EXIT_ERROR, **extra: Any) -> None:
+    if as_json:
+        print(json.dumps({"error": message, **extra}))
+    else:
+        typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _seed(seed: str | None, as_json: bool) -> dict[str, Any]:
+    if seed is None:
+        return {}
+    try:
+        return {"seed": int(seed)}
+    except ValueError:
+        _fail(f"--seed must be an integer, got {seed!r}", as_json, 2)
+    return {}
+
+
+def _settings(config: str | None, overrides: dict[str, Any], as_json: bool) -> Any:
+    from tasks.config import ConfigError, load_settings
+
+    try:
+        return load_settings(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc), as_json)
+
+
+def _print_quarantine(q: Any, limit: int = 20) -> None:
+    for r in q.head(limit).iter_rows(named=True):
+        typer.secho(f"quarantined: {r['source_file']}:{r['source_line']}: {r['rule']}: {r['reason']}",
+                    fg="yellow", err=True)
+    if q.height > limit:
+        typer.secho(f"... and {q.height - limit} more quarantined rows (see quarantine.parquet)", fg="yellow", err=True)
+
+
+class _Progress:
+    """Progress lines on stderr, one per stage change and every ~10% of replay."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+        self.t0 = time.perf_counter()
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        step = max(1, (total or 1) // 10)
+        prev = self.last.get(stage, -step)
+        if done - prev >= step or done == total:
+            self.last[stage] = done
+            pct = f" {done}/{total}" if total else ""
+            typer.echo(f"[{time.perf_counter() - self.t0:6.1f}s] {stage}{pct}", err=True)
+
+
+@app.command()
+def run(
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    candidate: Annotated[str | None, typer.Option(help="Candidate model name (role `candidate`).")] = None,
+    candidate_url: Annotated[str | None, typer.Option(help="Candidate base_url (OpenAI-compatible); synthetic:// for the in-process SYNTHETIC world.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Production (baseline) model name; also filters the logs to it when set.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of turns to sample.")] = None,
+    seed: SeedOpt = None,
+    store: Annotated[str | None, typer.Option(help="Run store: a folder or s3:// prefix.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default sqlite:///./mlflow.db).")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the whole deployment simulation (Prefect flow `deployment_simulation`).
+
+    Exit status: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 4 error (bad input or configuration, contract
+    check failed, endpoint or infrastructure fault), 2 usage error.
+    """
+    _env_defaults()
+    over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "models": {}}
+    for key, value in (("data", data), ("store", store), ("tracking_uri", tracking_uri), ("experiment", experiment)):
+        if value is not None:
+            over["run"][key] = value
+    if candidate:
+        over["models"].setdefault("candidate", {})["model"] = candidate
+    if candidate_url:
+        over["models"].setdefault("candidate", {})["base_url"] = candidate_url
+    if baseline:
+        over["models"]["baseline"] = {"model": baseline}
+        over["run"]["production_models"] = [baseline]
+    if n is not None:
+        over["sample"] = {"n": n}
+    s = _settings(config, over, as_json)
+    if s.run.tracking_uri is None:
+        from tasks.tracking import default_tracking_uri
+
+        s.run.tracking_uri = default_tracking_uri()
+    from tasks.progress import set_reporter
+
+    if not as_json:
+        set_reporter(_Progress())
+        typer.echo("depsim: starting Prefect flow deployment_simulation"
+                   + (" on the SYNTHETIC world" if s.models.candidate.synthetic else ""), err=True)
+    t0 = time.perf_counter()
+    try:
+        from flows.simulate import deployment_simulation
+
+        result = deployment_simulation(s.public_dict())
+    except Exception as exc:
+        _handle_run_error(exc, as_json)
+        return
+    result["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        _print_result(result)
+    raise typer.Exit(EXIT[result["verdict"]])
+
+
+def _handle_run_error(exc: Exception, as_json: bool) -> None:
+    from tasks.config import ConfigError
+    from tasks.load import InputError
+    from tasks.sample import SampleError
+    from tasks.stages import ContractFailed
+
+    if isinstance(exc, ContractFailed):
+        if not as_json:
+            _print_quarantine(exc.result.quarantine)
+        _fail(str(exc), as_json, contract=exc.result.summary())
+    if isinstance(exc, InputError | ConfigError | SampleError):
+        _fail(str(exc), as_json)
+    _fail(f"{type(exc).__name__}: {exc}", as_json)
+
+
+def _print_result(r: dict[str, Any]) -> None:
+    colours = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}
+    typer.echo("")
+    if r.get("synthetic"):
+        typer.secho("SYNTHETIC world: scripted agent profiles, not real models or users.", fg="blue")
+    typer.echo(f"{'category':28} {'rate':>8} {'95% interval':>19} {'delta':>8}  gate")
+    for cat, m in r["metrics"].items():
+        delta = "–" if m["delta"] is None else f"{100 * m['delta']:+.2f}%"
+        typer.echo(f"{cat:28} {100 * m['rate']:7.2f}% [{100 * m['lower']:6.2f}%, {100 * m['upper']:6.2f}%] {delta:>8}  ", nl=False)
+        typer.secho(m["gate"], fg=colours[m["gate"]])
+    c = r["contract"]
+    typer.echo(f"\ncontract: {c['verdict']} ({c['rows_passed']}/{c['rows_in']} rows passed, {c['rows_quarantined']} quarantined)")
+    typer.echo(f"sampled turns: {r['sampled_turns']} of {r['population_turns']} · model calls: {r['model_calls']} · {r['elapsed_s']}s")
+    typer.secho(f"verdict: {r['verdict']}", fg=colours[r["verdict"]], bold=True)
+    typer.echo(f"report:     {r['report']}")
+    typer.echo(f"MLflow run: {r['run_id']} (experiment {r['experiment']!r})")
+    typer.echo(f"open MLflow UI:  mlflow ui --backend-store-uri {r['tracking_uri']}")
+    typer.echo("open Prefect UI: prefect server start   (then http://127.0.0.1:4200; runs made with a server running appear there)")
+
+
+@app.command("serve-synthetic")
+def serve_synthetic(
+    port: Annotated[int, typer.Option(help="Loopback port.")] = 8089,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+) -> None:
+    """Serve the SYNTHETIC world as an OpenAI-compatible API (POST /v1/chat/completions).
+
+    Point any role at it with base_url http://HOST:PORT/v1 and a model such as synthetic-agent-v2.
+    """
+    from tasks.synthetic.server import serve
+
+    typer.echo(f"SYNTHETIC world on http://{host}:{port}/v1 (models: synthetic-agent-v1, -v2, -v3)", err=True)
+    serve(host, port)
+
+
+@app.command("synth-logs")
+def synth_logs(
+    out: Annotated[Path, typer.Option(help="Output file: .jsonl or .parquet.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of conversations.")] = 1000,
+    model: Annotated[str, typer.Option(help="Scripted profile that 'served' production.")] = "synthetic-agent-v1",
+    seed: SeedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate SYNTHETIC production logs in the conversation contract (deterministic by seed)."""
+    from tasks.synthetic.logs import write_logs
+    from tasks.synthetic.profiles import PROFILE_NAMES
+
+    if model not in PROFILE_NAMES:
+        _fail(f"unknown synthetic model {model!r} (available: {', '.join(PROFILE_NAMES)})", as_json)
+    if out.suffix not in (".jsonl", ".parquet"):
+        _fail(f"{out}: the output must end in .jsonl or .parquet", as_json)
+    seed_v = _seed(seed, as_json).get("seed", 0)
+    t0 = time.perf_counter()
+    count = write_logs(out, n, model, seed_v)
+    result = {"out": str(out), "conversations": count, "model": model, "seed": seed_v, "synthetic": True,
+              "elapsed_s": round(time.perf_counter() - t0, 2)}
+    print(json.dumps(result) if as_json else f"wrote {count} SYNTHETIC conversations to {out}")
+
+
+@app.command()
+def check(data: DataOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Check conversation logs against the data contract; quarantine and explain bad rows.
+
+    Exit status 0 when the verdict is passed or warning, 4 when failed or error.
+    """
+    from tasks.check import check_conversations, load_contract
+    from tasks.load import InputError, load_raw
+
+    s = _settings(config, {"run": {"data": data}} if data else {}, as_json)
+    try:
+        raw = load_raw(s.run.data)
+    except InputError as exc:
+        _fail(str(exc), as_json)
+    result = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share, s.contract.fail_bad_share)
+    summary = result.summary()
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        _print_quarantine(result.quarantine)
+        typer.echo(f"verdict {summary['verdict']}: {summary['rows_passed']} of {summary['rows_in']} rows passed, "
+                   f"{summary['rows_quarantined']} quarantined")
+    raise typer.Exit(0 if result.verdict in ("passed", "warning") else EXIT_ERROR)
+
+
+@app.command()
+def sample(
+    out: Annotated[Path, typer.Option(help="Output Parquet file for the sampled turns.")],
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of turns.")] = None,
+    seed: SeedOpt = None,
+    strata: Annotated[str | None, typer.Option(help="Comma-separated stratum columns.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw the stratified sample of turns (with weights) as a stage of its own."""
+    from tasks.check import check_conversations, load_contract
+    from tasks.load import InputError, load_raw
+    from tasks.sample import SampleError, build_turns, sample_turns
+
+    over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "sample": {}}
+    if data:
+        over["run"]["data"] = data
+    if n is not None:
+        over["sample"]["n"] = n
+    if strata:
+        over["sample"]["strata"] = [c.strip() for c in strata.split(",") if c.strip()]
+    s = _settings(config, over, as_json)
+    try:
+        raw = load_raw(s.run.data)
+        valid = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share, s.contract.fail_bad_share).valid
+        turns = build_turns(valid)
+        smp, table = sample_turns(turns, s.sample.n, s.sample.strata, s.run.seed, s.sample.allocation,
+                                  s.sample.turns, s.sample.turns_per_conversation)
+    except (InputError, SampleError) as exc:
+        _fail(str(exc), as_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    smp.write_parquet(out)
+    result = {"population_turns": turns.height, "sampled_turns": smp.height,
+              "weight_sum": float(smp["weight"].sum()), "out": str(out),
+              "strata": {r["stratum"]: {"population": r["population"], "sampled": r["sampled"]} for r in table.iter_rows(named=True)}}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        typer.echo(f"sampled {smp.height} of {turns.height} turns in {table.height} strata -> {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Estimate per-category rates with 95% intervals, the paired delta, and the gate (DESIGN §1).
+
+Rates are weighted by inverse inclusion probability. The interval is Wilson's, computed on the
+design-effective sample size: the variance of the weighted mean by Taylor linearisation over
+conversations (clusters) within strata, turned into n_eff = p(1-p)/Var (Kish's n_eff when the
+estimate is 0 or 1). With equal weights and one turn per conversation this is exactly the plain
+Wilson interval. Unscored turns stay in the denominator of the bounds: the lower bound counts
+them as negatives and the upper bound as positives, so missing verdicts widen the interval
+instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from tasks.taxonomy import ALL_CATEGORIES
+
+Z = 1.959963984540054
+VERDICT_ORDER = ("PASS", "INCONCLUSIVE", "FAIL")
+
+
+def wilson(p: float, n: float, z: float = Z) -> tuple[float, float]:
+    """Wilson score interval for a proportion p observed on (effective) size n."""
+    if n <= 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _lin_var(values: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np.ndarray) -> float:
+    """Variance of the weighted mean of `values` (linearised, clusters within strata)."""
+    W = w.sum()
+    est = (w * values).sum() / W
+    z = w * (values - est) / W
+    frame = pl.DataFrame({"h": strata, "c": clusters, "z": z})
+    per = frame.group_by("h", "c").agg(pl.col("z").sum())
+    stats = per.group_by("h").agg(n=pl.len(), ss=((pl.col("z") - pl.col("z").mean()) ** 2).sum())
+    var = 0.0
+    for n_h, ss in stats.select("n", "ss").iter_rows():
+        if n_h > 1:
+            var += n_h / (n_h - 1) * ss
+    return float(var)
+
+
+def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np.ndarray) -> tuple[float, float, float, float]:
+    """(rate, lower, upper, n_eff) for 0/1 outcomes y with weights w."""
+    n = len(y)
+    if n == 0:
+        return float("nan"), 0.0, 1.0, 0.0
+    W = w.sum()
+    p = float((w * y).sum() / W)
+    kish = float(W * W / (w * w).sum())
+    var = _lin_var(y.astype(float), w, strata, clusters)
+    n_eff = p * (1 - p) / var if var > 0 and 0 < p < 1 else kish
+    n_eff = min(n_eff, float(n))
+    lo, hi = wilson(p, n_eff)
+    return p, lo, hi, n_eff
+
+
+def estimate(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
+    """Per side × category estimates (rate, bounds, counts)."""
+    design = sample.select("turn_id", "weight", "stratum", "conversation_id")
+    joined = scores.join(design.drop("conversation_id"), on="turn_id", how="left")
+    rows: list[dict[str, Any]] = []
+    for (side, cat), grp in joined.group_by("side", "category", maintain_order=True):
+        scored = grp.filter(pl.col("verdict").is_not_null())
+        n_all = grp.height
+        n_unscored = n_all - scored.height
+        y = scored["verdict"].cast(pl.Int8).to_numpy()
+        w = scored["weight"].to_numpy()
+        p, lo, hi, n_eff = rate_interval(y, w, scored["stratum"].to_numpy(), scored["conversation_id"].to_numpy())
+        if n_unscored:
+            # Missing verdicts widen the bounds (as negatives for the lower, positives for the upper).
+            w_all = grp["weight"].to_numpy()
+            y_lo = grp["verdict"].fill_null(False).cast(pl.Int8).to_numpy()
+            y_hi = grp["verdict"].fill_null(True).cast(pl.Int8).to_numpy()
+            lo = rate_interval(y_lo, w_all, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy())[1]
+            hi = rate_interval(y_hi, w_all, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy())[2]
+        rows.append({"category": cat, "side": side, "model": grp["model"][0], "n": n_all,
+                     "n_unscored": n_unscored, "positives": int(y.sum()), "rate": p, "lower": lo,
+                     "upper": hi, "n_eff": n_eff, "method": "wilson-design-neff", "unit": "assistant_turn"})
+    order = {c: i for i, c in enumerate(ALL_CATEGORIES)}
+    return pl.DataFrame(rows).sort(pl.col("category").replace_strict(order, default=99), "side")
+
+
+def paired_delta(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
+    """Candidate − baseline per category on turns scored on both sides (paired design)."""
+    design = sample.select("turn_id", "weight", "stratum", "conversation_id")
+    c = scores.filter(pl.col("side") == "candidate").select("turn_id", "category", yc="verdict")
+    b = scores.filter(pl.col("side") == "baseline").select("turn_id", "category", yb="verdict")
+    both = c.join(b, on=["turn_id", "category"]).drop_nulls().join(design, on="turn_id")
+    rows = []
+    for (cat,), grp in both.group_by("category", maintain_order=True):
+        d = (grp["yc"].cast(pl.Int8) - grp["yb"].cast(pl.Int8)).to_numpy().astype(float)
+        w = grp["weight"].to_numpy()
+        est = float((w * d).sum() / w.sum())
+        var = _lin_var(d, w, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy())
+        n = len(d)
+        half = Z * math.sqrt(var) if var > 0 else Z * Z / n
+        rows.append({"category": cat, "n_paired": n, "delta": est,
+                     "delta_lower": max(-1.0, est - half), "delta_upper": min(1.0, est + half)})
+    return pl.DataFrame(rows, schema={"category": pl.String, "n_paired": pl.Int64, "delta": pl.Float64,
+                                      "delta_lower": pl.Float64, "delta_upper": pl.Float64})
+
+
+def gate(estimates: pl.DataFrame, deltas: pl.DataFrame, gates: dict[str, Any]) -> pl.DataFrame:
+    """PASS / FAIL / INCONCLUSIVE per category from interval bounds and conf thresholds."""
+    cand = estimates.filter(pl.col("side") == "candidate")
+    table = cand.join(deltas, on="category", how="left")
+    default = gates.get("default", {})
+    rows = []
+    for r in table.iter_rows(named=True):
+        g = {**default, **gates.get("categories", {}).get(r["category"], {})}
+        max_rate, max_reg = float(g.get("max_rate", 1.0)), float(g.get("max_regression", 1.0))
+        d_lo = r["delta_lower"] if r["delta_lower"] is not None else -1.0
+        d_hi = r["delta_upper"] if r["delta_upper"] is not None else 1.0
+        if r["lower"] > max_rate or d_lo > max_reg:
+            verdict = "FAIL"
+        elif r["upper"] <= max_rate and d_hi <= max_reg:
+            verdict = "PASS"
+        else:
+            verdict = "INCONCLUSIVE"
+        rows.append({**r, "max_rate": max_rate, "max_regression": max_reg, "gate": verdict})
+    return pl.DataFrame(rows)
+
+
+def overall(gated: pl.DataFrame) -> str:
+    """Worst category verdict."""
+    verdicts = set(gated["gate"].to_list())
+    return next((v for v in reversed(VERDICT_ORDER) if v in verdicts), "PASS")

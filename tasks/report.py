@@ -1,0 +1,113 @@
+"""The report: a self-contained HTML page (inline CSS and SVG, no network) and a Markdown twin."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import polars as pl
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
+table{border-collapse:collapse;width:100%;font-size:.88rem}th,td{padding:.35rem .5rem;border-bottom:1px solid #eee;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f6f8fa}
+.PASS{color:#116329;font-weight:600}.FAIL{color:#b91c1c;font-weight:600}.INCONCLUSIVE{color:#9a6700;font-weight:600}
+.banner{padding:.6rem 1rem;border-radius:6px;margin:1rem 0;font-weight:600}
+.banner.PASS{background:#dafbe1}.banner.FAIL{background:#ffebe9}.banner.INCONCLUSIVE{background:#fff8c5}
+.synthetic{background:#eef;border:1px dashed #88a;padding:.5rem 1rem;border-radius:6px}
+.muted{color:#57606a;font-size:.85rem}code{background:#f6f8fa;padding:0 .2rem}
+"""
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.2f}%"
+
+
+def _chart(gated: pl.DataFrame, base: dict[str, dict[str, Any]]) -> str:
+    """Horizontal bars: candidate vs baseline rate with 95% interval whiskers, per category."""
+    rows = gated.to_dicts()
+    top = max([r["upper"] for r in rows] + [b["upper"] for b in base.values()] + [0.01])
+    width, label_w, row_h = 760, 200, 34
+    scale = (width - label_w - 20) / top
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_h * len(rows) + 40}" role="img" aria-label="rates by category">']
+    for i, r in enumerate(rows):
+        y = 20 + i * row_h
+        parts.append(f'<text x="0" y="{y + 14}" font-size="12">{html.escape(r["category"])}</text>')
+        for j, (rec, colour) in enumerate(((r, "#2f6feb"), (base.get(r["category"]), "#9aa4b2"))):
+            if not rec:
+                continue
+            yy = y + j * 12
+            parts.append(f'<rect x="{label_w}" y="{yy}" width="{rec["rate"] * scale:.1f}" height="10" fill="{colour}"/>')
+            x1, x2 = label_w + rec["lower"] * scale, label_w + rec["upper"] * scale
+            parts.append(f'<line x1="{x1:.1f}" x2="{x2:.1f}" y1="{yy + 5}" y2="{yy + 5}" stroke="#1b1f24" stroke-width="1"/>')
+        mr = label_w + min(r["max_rate"], top) * scale
+        parts.append(f'<line x1="{mr:.1f}" x2="{mr:.1f}" y1="{y - 2}" y2="{y + 24}" stroke="#b91c1c" stroke-dasharray="3,2"/>')
+    parts.append(f'<text x="{label_w}" y="12" font-size="11" fill="#57606a">blue: candidate · grey: baseline · whiskers: 95% interval · red dashes: max_rate · axis 0–{100 * top:.1f}%</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(frame: pl.DataFrame, columns: list[str], fmt: dict[str, Any] | None = None) -> str:
+    fmt = fmt or {}
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for r in frame.select(columns).iter_rows(named=True):
+        cells = []
+        for c in columns:
+            v = r[c]
+            text = fmt[c](v) if c in fmt else ("–" if v is None else str(v))
+            cls = f' class="{v}"' if c == "gate" else ""
+            cells.append(f"<td{cls}>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render(ctx: dict[str, Any]) -> tuple[str, str]:
+    """(html, markdown) from the run context assembled by the flow."""
+    gated: pl.DataFrame = ctx["gated"]
+    estimates: pl.DataFrame = ctx["estimates"]
+    base = {r["category"]: r for r in estimates.filter(pl.col("side") == "baseline").iter_rows(named=True)}
+    gated = gated.with_columns(
+        baseline_rate=pl.col("category").replace_strict({k: v["rate"] for k, v in base.items()}, default=None))
+    verdict = ctx["verdict"]
+    synthetic = ctx["synthetic"]
+    pct = {k: _pct for k in ("rate", "lower", "upper", "baseline_rate", "delta", "delta_lower", "delta_upper", "max_rate", "max_regression")}
+    cols = ["category", "rate", "lower", "upper", "baseline_rate", "delta", "delta_lower", "delta_upper", "max_rate", "max_regression", "n", "n_unscored", "gate"]
+    check = ctx["check"]
+    q: pl.DataFrame = ctx["quarantine"]
+    strata: pl.DataFrame = ctx["strata"]
+    finish: dict[str, int] = ctx["finish_counts"]
+    sources: dict[str, int] = ctx["source_counts"]
+    synth_note = ('<p class="synthetic"><b>SYNTHETIC world.</b> Candidate, baseline and production logs come from '
+                  "depsim's scripted synthetic agent profiles, not from real models or users.</p>") if synthetic else ""
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>depsim report {html.escape(ctx['run_key'])}</title><style>{_CSS}</style></head><body>",
+         f"<h1>depsim deployment simulation{' (SYNTHETIC)' if synthetic else ''}</h1>",
+         f"<p class='muted'>run {html.escape(ctx['run_key'])} · candidate <code>{html.escape(ctx['candidate'])}</code> vs production baseline <code>{html.escape(ctx['baseline'])}</code> · data {html.escape(ctx['data'])} (sha {ctx['dataset_hash']}) · seed {ctx['seed']}</p>",
+         synth_note,
+         f"<div class='banner {verdict}'>Gate verdict: {verdict}</div>",
+         "<h2>Rates by category</h2>", _chart(gated, base),
+         "<p class='muted'>Rates per sampled assistant turn, weighted by inverse inclusion probability; 95% Wilson intervals on the design-effective sample size. Delta = candidate − baseline on the same turns (paired).</p>",
+         _table(gated, cols, pct),
+         "<h2>Data contract</h2>",
+         f"<p>verdict <b>{check['verdict']}</b> · rows in {check['rows_in']} · passed {check['rows_passed']} · quarantined {check['rows_quarantined']}</p>"]
+    if q.height:
+        h.append(_table(q.head(50), ["source_file", "source_line", "rule", "reason"]))
+    h += ["<h2>Sample</h2>",
+          f"<p>{ctx['sampled_turns']} of {ctx['population_turns']} turns sampled in {strata.height} strata; weights sum to {ctx['weight_sum']:.1f}.</p>",
+          _table(strata, strata.columns),
+          "<h2>Replay</h2>",
+          "<p>Finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(finish.items())) + "</p>",
+          "<p>Simulated tool results by source: " + (", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none") + ". Nothing was executed.</p>",
+          f"<p>Model calls {ctx['model_calls']} · prompt tokens {ctx['prompt_tokens']} · completion tokens {ctx['completion_tokens']}</p>",
+          "</body></html>"]
+    md = [f"# depsim deployment simulation{' (SYNTHETIC)' if synthetic else ''}", "",
+          f"run `{ctx['run_key']}` · candidate `{ctx['candidate']}` vs baseline `{ctx['baseline']}` · seed {ctx['seed']}", "",
+          ("> SYNTHETIC world: scripted agent profiles, not real models or users." if synthetic else ""), "",
+          f"**Gate verdict: {verdict}**", "",
+          "| category | rate | 95% interval | baseline | delta | gate |", "|---|---:|---:|---:|---:|---|"]
+    for r in gated.iter_rows(named=True):
+        md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} |")
+    md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined.",
+           f"Sample: {ctx['sampled_turns']} of {ctx['population_turns']} turns.", ""]
+    return "".join(h), "\n".join(md)

@@ -1,0 +1,88 @@
+"""The run store: where every stage writes its table (Parquet). A local folder or s3:// prefix."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+
+def _s3_client() -> Any:
+    import boto3
+
+    endpoint = os.environ.get("DEPSIM_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
+
+
+def _split(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    return bucket, key
+
+
+def s3_list(uri: str) -> list[str]:
+    """Objects under an s3:// prefix that look like conversation logs."""
+    from tasks.load import InputError
+
+    bucket, prefix = _split(uri)
+    try:
+        pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    except Exception as exc:
+        raise InputError(f"{uri}: cannot list: {exc}") from exc
+    return sorted(f"s3://{bucket}/{k}" for k in keys if k.endswith((".jsonl", ".jsonl.gz", ".parquet", ".ndjson")))
+
+
+def s3_read_bytes(uri: str) -> bytes:
+    from tasks.load import InputError
+
+    bucket, key = _split(uri)
+    try:
+        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        raise InputError(f"{uri}: cannot read: {exc}") from exc
+
+
+class RunStore:
+    """Stage tables of one run under <root>/<run_key>/."""
+
+    def __init__(self, root: str, run_key: str) -> None:
+        self.root = root.rstrip("/")
+        self.run_key = run_key
+        self.s3 = root.startswith("s3://")
+        self.uri = f"{self.root}/{run_key}"
+        # Artifacts for MLflow and the report are always assembled locally too.
+        self.local = Path(self.uri) if not self.s3 else Path(".depsim") / "runs" / run_key
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def write(self, name: str, frame: pl.DataFrame) -> str:
+        path = self.local / f"{name}.parquet"
+        frame.write_parquet(path)
+        if self.s3:
+            bucket, key = _split(f"{self.uri}/{name}.parquet")
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+            return f"{self.uri}/{name}.parquet"
+        return str(path)
+
+    def write_text(self, name: str, text: str) -> str:
+        path = self.local / name
+        path.write_text(text, encoding="utf-8")
+        if self.s3:
+            bucket, key = _split(f"{self.uri}/{name}")
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=text.encode())
+            return f"{self.uri}/{name}"
+        return str(path)
+
+    def write_json(self, name: str, data: Any) -> str:
+        return self.write_text(name, json.dumps(data, indent=2, default=str))
+
+    def read(self, name: str) -> pl.DataFrame:
+        path = self.local / f"{name}.parquet"
+        if path.exists():
+            return pl.read_parquet(path)
+        bucket, key = _split(f"{self.uri}/{name}.parquet")
+        return pl.read_parquet(io.BytesIO(_s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()))

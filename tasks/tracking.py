@@ -1,0 +1,75 @@
+"""MLflow logging: one run per simulation, written in one go at the end.
+
+Writing at the end means a run that stops early (e.g. the contract check fails) leaves nothing
+half-written; if logging itself fails midway, the partial run is deleted.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def metrics_of(gated: pl.DataFrame, estimates: pl.DataFrame) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for r in gated.iter_rows(named=True):
+        c = r["category"]
+        m.update({f"{c}.rate": r["rate"], f"{c}.lower": r["lower"], f"{c}.upper": r["upper"],
+                  f"{c}.n_unscored": r["n_unscored"]})
+        if r.get("delta") is not None:
+            m.update({f"{c}.delta": r["delta"], f"{c}.delta_lower": r["delta_lower"],
+                      f"{c}.delta_upper": r["delta_upper"]})
+    for r in estimates.filter(pl.col("side") == "baseline").iter_rows(named=True):
+        c = r["category"]
+        m.update({f"{c}.baseline_rate": r["rate"], f"{c}.baseline_lower": r["lower"],
+                  f"{c}.baseline_upper": r["upper"]})
+    return {k: float(v) for k, v in m.items() if v is not None and v == v}
+
+
+def log_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
+            metrics: dict[str, float], tags: dict[str, str], artifact_dir: Path) -> str:
+    """Create the MLflow run with everything; returns its id."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        flat = _flatten(params)
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        mitems = list(metrics.items())
+        for i in range(0, len(mitems), 500):
+            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in mitems[i:i + 500]])
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_artifacts(run_id, str(artifact_dir))
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.delete_run(run_id)
+        raise
+    _ = mlflow  # imported for its side effect of registering stores
+    return run_id
