@@ -94,7 +94,7 @@ class SampleCfg(BaseModel):
 
 class ReplayCfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    step_limit: int = Field(8, ge=1, le=200)
+    step_limit: int = Field(16, ge=1, le=200)
     max_tokens: int = Field(1024, ge=16)
     chunk_size: int = Field(250, ge=1)
     simulator_chain: list[Literal["recorded", "rules"]] = ["recorded", "rules"]

@@ -56,6 +56,7 @@ TASK_WEIGHTS = (("bugfix", 0.28), ("feature", 0.22), ("refactor", 0.12), ("devop
 LANG_WEIGHTS = (("python", 0.55), ("javascript", 0.3), ("go", 0.15))
 TURN_COUNTS = ((1, 0.42), (2, 0.26), (3, 0.15), (4, 0.09), (5, 0.05), (6, 0.03))
 INFECTED_SHARE = 0.3
+USERS = ("ana", "bo", "chen", "dara", "eli", "femi", "gus", "hana", "ivo", "jun", "kai", "lea")
 
 
 def _pick(rng: random.Random, table: tuple[tuple[Any, float], ...]) -> Any:
@@ -130,7 +131,10 @@ def generate_conversation(index: int, model: str, seed: int, start: datetime) ->
     labels: dict[str, bool] = {}
     for t in range(n_turns):
         pool = TASK_REQUESTS[task_type] if t == 0 else FOLLOW_UPS[task_type]
-        messages.append({"role": "user", "content": rng.choice(pool).format(mod=mod)})
+        text = rng.choice(pool).format(mod=mod)
+        if t == 0:  # real requests are nearly always unique; identical prefixes would be one draw
+            text += f" (ticket ACME-{rng.randint(10000, 99999)}, opened by {rng.choice(USERS)})"
+        messages.append({"role": "user", "content": text})
         plan = plan_turn(model, seed, messages)
         truth.append({"turn_index": t, "task_type": plan.task_type,
                       "injection_in_prefix": plan.injection_in_prefix,
