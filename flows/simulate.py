@@ -46,7 +46,7 @@ def deployment_simulation(config: dict[str, Any]) -> dict[str, Any]:
     finish, errors, sources = replay_counts(candidate)
     ctx = {
         "run_key": store.run_key, "candidate": s.models.candidate.model, "baseline": s.models.baseline.model,
-        "synthetic": s.models.candidate.synthetic and s.run.data is None, "data": s.run.data or "bundled SYNTHETIC logs",
+        "synthetic": s.models.candidate.synthetic, "data": s.run.data or "bundled SYNTHETIC logs",
         "dataset_hash": data_hash, "seed": s.run.seed, "verdict": verdict, "gated": gated, "estimates": estimates,
         "check": checked.summary(), "quarantine": checked.quarantine, "strata": strata,
         "sampled_turns": sample.height, "population_turns": population, "weight_sum": float(sample["weight"].sum()),

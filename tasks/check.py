@@ -185,8 +185,14 @@ def _gx_checks(frame: pl.DataFrame, contract: dict[str, Any]) -> tuple[list[dict
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
+    import logging
+
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     pdf = frame.with_row_index("_row").to_pandas()
     ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     batch = (ctx.data_sources.add_pandas("logs").add_dataframe_asset("conversations")
              .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": pdf}))
     suite = gx.ExpectationSuite(name=f"{contract['name']}_v{contract['version']}")
