@@ -35,12 +35,18 @@ DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="Conversation 
 SeedOpt = Annotated[str | None, typer.Option("--seed", help="Random seed (integer) for sampling and replay.")]
 
 
-def _env_defaults() -> None:
-    # Quiet, offline-friendly Prefect defaults; users' own settings win.
+def _env_defaults(verbose: bool = False) -> None:
+    # Quiet, offline-friendly Prefect defaults; users' own settings win. depsim prints its own
+    # one-line errors, so Prefect's task-failure tracebacks are shown only with --verbose.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import logging
+
+    for name in ("mlflow", "great_expectations", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(message: str, as_json: bool, code: int = EXIT_ERROR, **extra: Any) -> None:
@@ -71,11 +77,16 @@ def _settings(config: str | None, overrides: dict[str, Any], as_json: bool) -> A
 
 
 def _print_quarantine(q: Any, limit: int = 20) -> None:
-    for r in q.head(limit).iter_rows(named=True):
+    _print_quarantine_rows(q.head(limit).to_dicts(), q.height, limit)
+
+
+def _print_quarantine_rows(rows: list[dict[str, Any]], total: int, limit: int = 20) -> None:
+    for r in rows[:limit]:
         typer.secho(f"quarantined: {r['source_file']}:{r['source_line']}: {r['rule']}: {r['reason']}",
                     fg="yellow", err=True)
-    if q.height > limit:
-        typer.secho(f"... and {q.height - limit} more quarantined rows (see quarantine.parquet)", fg="yellow", err=True)
+    if total > limit:
+        typer.secho(f"... and {total - limit} more quarantined rows (see quarantine.parquet in the run store)",
+                    fg="yellow", err=True)
 
 
 class _Progress:
@@ -106,6 +117,7 @@ def run(
     store: Annotated[str | None, typer.Option(help="Run store: a folder or s3:// prefix.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default sqlite:///./mlflow.db).")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own logs.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the whole deployment simulation (Prefect flow `deployment_simulation`).
@@ -113,7 +125,7 @@ def run(
     Exit status: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 4 error (bad input or configuration, contract
     check failed, endpoint or infrastructure fault), 2 usage error.
     """
-    _env_defaults()
+    _env_defaults(verbose)
     over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "models": {}}
     for key, value in (("data", data), ("store", store), ("tracking_uri", tracking_uri), ("experiment", experiment)):
         if value is not None:
@@ -132,8 +144,13 @@ def run(
         from tasks.tracking import default_tracking_uri
 
         s.run.tracking_uri = default_tracking_uri()
+    from tasks.load import InputError, resolve_sources
     from tasks.progress import set_reporter
 
+    try:  # fail fast on a wrong path, before starting Prefect
+        resolve_sources(s.run.data)
+    except InputError as exc:
+        _fail(str(exc), as_json)
     if not as_json:
         set_reporter(_Progress())
         typer.echo("depsim: starting Prefect flow deployment_simulation"
@@ -150,6 +167,7 @@ def run(
     if as_json:
         print(json.dumps(result, default=str))
     else:
+        _print_quarantine_rows(result["quarantined"], result["contract"]["rows_quarantined"])
         _print_result(result)
     raise typer.Exit(EXIT[result["verdict"]])
 

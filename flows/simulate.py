@@ -67,7 +67,10 @@ def deployment_simulation(config: dict[str, Any]) -> dict[str, Any]:
                                     "delta": r["delta"], "delta_lower": r["delta_lower"],
                                     "delta_upper": r["delta_upper"], "gate": r["gate"]}
                     for r in gated.iter_rows(named=True)},
-        "contract": ctx["check"], "model_calls": model_calls, "cache_hits": 0,
+        "contract": ctx["check"],
+        "quarantined": [{k: r[k] for k in ("source_file", "source_line", "rule", "reason")}
+                        for r in checked.quarantine.head(100).iter_rows(named=True)],
+        "model_calls": model_calls, "cache_hits": 0,
         "sampled_turns": sample.height, "population_turns": population,
         "synthetic": ctx["synthetic"], "elapsed_s": round(time.perf_counter() - t0, 2),
     }

@@ -182,14 +182,14 @@ def _gx_checks(frame: pl.DataFrame, contract: dict[str, Any]) -> tuple[list[dict
 
     Returns (check list, the GX result as JSON, row index → (rule, reason) for failing rows).
     """
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-
     import logging
 
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]:
+        logging.getLogger(name).setLevel(logging.WARNING)  # some GX modules pin INFO
     pdf = frame.with_row_index("_row").to_pandas()
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)

@@ -6,6 +6,7 @@ line number, so that the contract check can name them and nothing is dropped sil
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -124,10 +125,8 @@ def _parquet_rows(source: str, data: bytes) -> list[dict[str, Any]]:
         for key in ("tools", "messages", "labels"):
             value = rec.get(key)
             if isinstance(value, str):  # nested fields stored as JSON text
-                try:
+                with contextlib.suppress(json.JSONDecodeError):
                     rec[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
         rows.append({"source_file": source, "source_line": i,
                      "record": json.dumps(rec, default=str, ensure_ascii=False), "parse_error": None})
     return rows

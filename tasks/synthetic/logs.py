@@ -187,7 +187,6 @@ def write_logs(path: str | Path, n: int, model: str = "synthetic-agent-v1", seed
         conv.pop("_truth")
         rows.append(conv)
     if path.suffix == ".parquet":
-        import polars as pl
 
         from tasks.records import conversations_frame
 

@@ -1,0 +1,94 @@
+"""End-to-end: the real CLI runs the Prefect flow and writes a real MLflow (SQLite) run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks.taxonomy import ALL_CATEGORIES
+from tests.conftest import run_cli, synthetic_rows, write_jsonl
+
+pytestmark = pytest.mark.e2e
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("depsim")
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_run_json_logs_everything_to_mlflow(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(300, seed=5))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["run", "--data", str(data), "--n", "300", "--seed", "3", "--store", str(tmp_path / "store"),
+                    "--tracking-uri", uri, "--json"], cwd=tmp_path)
+    assert proc.returncode in (0, 1, 3), proc.stderr
+    out = json.loads(proc.stdout)  # exactly one JSON object on stdout
+    assert {"run_id", "tracking_uri", "report", "verdict", "metrics", "model_calls", "elapsed_s"} <= set(out)
+    assert proc.returncode == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}[out["verdict"]]
+    assert set(out["metrics"]) == set(ALL_CATEGORIES)
+    for m in out["metrics"].values():
+        assert 0 <= m["lower"] <= m["rate"] <= m["upper"] <= 1
+    assert out["model_calls"] >= out["sampled_turns"] == 300
+
+    run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    for cat in ALL_CATEGORIES:
+        assert run.data.metrics[f"{cat}.rate"] == pytest.approx(out["metrics"][cat]["rate"])
+        assert f"{cat}.lower" in run.data.metrics and f"{cat}.upper" in run.data.metrics
+        assert f"{cat}.delta" in run.data.metrics and f"{cat}.baseline_rate" in run.data.metrics
+    assert run.data.metrics["contract.rows_quarantined"] == 0
+    assert run.data.params["roles.candidate"] == "synthetic-agent-v2"
+    assert run.data.tags["depsim.world"] == "synthetic"
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(out["run_id"])}
+    assert {"report.html", "report.md", "sample.parquet", "scores.parquet", "estimates.parquet",
+            "trajectories.parquet", "config.json"} <= artifacts
+
+    page = Path(out["report"]).read_text()
+    assert "<svg" in page and "SYNTHETIC" in page and "http" not in page.split("<body>")[0]
+    for cat in ALL_CATEGORIES:
+        assert cat in page
+
+
+def test_malformed_lines_quarantined_under_limit(tmp_path: Path) -> None:
+    rows: list = synthetic_rows(120, seed=8)
+    rows.insert(10, "{not json")
+    bad = dict(rows[20])
+    bad["created_at"] = "last tuesday"
+    rows.insert(30, bad)
+    data = write_jsonl(tmp_path / "messy.jsonl", rows)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["run", "--data", str(data), "--n", "100", "--tracking-uri", uri,
+                    "--store", str(tmp_path / "store")], cwd=tmp_path)
+    assert proc.returncode in (0, 1, 3), proc.stderr
+    assert f"{data}:11: json_parse" in proc.stderr
+    assert f"{data}:31: created_at_format" in proc.stderr
+    (run,) = _runs(uri)
+    assert run.data.metrics["contract.rows_quarantined"] == 2
+    assert run.data.metrics["contract.rows_in"] == 122
+
+
+def test_malformed_over_limit_stops_without_mlflow_run(tmp_path: Path) -> None:
+    rows: list = synthetic_rows(40, seed=9)
+    rows += ["garbage line"] * 10  # 20% bad > 10% limit
+    data = write_jsonl(tmp_path / "broken.jsonl", rows)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["run", "--data", str(data), "--tracking-uri", uri, "--store", str(tmp_path / "store"),
+                    "--json"], cwd=tmp_path)
+    assert proc.returncode == 4
+    out = json.loads(proc.stdout)
+    assert "contract check failed" in out["error"] and "json_parse=10" in out["error"]
+    assert out["contract"]["rows_in"] == 50 and out["contract"]["rows_quarantined"] == 10
+    assert "Traceback" not in proc.stderr
+    assert _runs(uri) == []  # nothing half-written in MLflow
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    proc = run_cli(["run", "--data", str(tmp_path / "missing.jsonl")], cwd=tmp_path)
+    assert proc.returncode == 4
+    assert "missing.jsonl: no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(["run", "--seed", "abc"], cwd=tmp_path)
+    assert proc.returncode == 2 and "--seed must be an integer" in proc.stderr
