@@ -147,9 +147,12 @@ def run(
     from tasks.load import InputError, resolve_sources
     from tasks.progress import set_reporter
 
-    try:  # fail fast on a wrong path, before starting Prefect
+    from tasks.config import ConfigError
+
+    try:  # fail fast on a wrong path or a missing key, before starting Prefect
         resolve_sources(s.run.data)
-    except InputError as exc:
+        s.models.candidate.api_key()
+    except (InputError, ConfigError) as exc:
         _fail(str(exc), as_json)
     if not as_json:
         set_reporter(_Progress())
@@ -203,8 +206,10 @@ def _print_result(r: dict[str, Any]) -> None:
     typer.secho(f"verdict: {r['verdict']}", fg=colours[r["verdict"]], bold=True)
     typer.echo(f"report:     {r['report']}")
     typer.echo(f"MLflow run: {r['run_id']} (experiment {r['experiment']!r})")
-    typer.echo(f"open MLflow UI:  mlflow ui --backend-store-uri {r['tracking_uri']}")
-    typer.echo("open Prefect UI: prefect server start   (then http://127.0.0.1:4200; runs made with a server running appear there)")
+    typer.echo(f"open MLflow UI:  mlflow ui --backend-store-uri {r['tracking_uri']}   "
+               f"# then http://127.0.0.1:5000/#/experiments/{r['experiment_id']}/runs/{r['run_id']}")
+    typer.echo("open Prefect UI: prefect server start   "
+               f"# then http://127.0.0.1:4200/runs/flow-run/{r['flow_run_id']}")
 
 
 @app.command("serve-synthetic")

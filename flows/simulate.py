@@ -11,7 +11,9 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import Settings
+from prefect.runtime import flow_run
+
+from tasks.config import Settings, load_settings
 from tasks.prefect_tasks import (
     check_task,
     estimate_task,
@@ -24,6 +26,7 @@ from tasks.prefect_tasks import (
 )
 from tasks.stages import replay_counts
 from tasks.store import RunStore
+from tasks.tracking import default_tracking_uri
 
 
 def _run_key(config: dict[str, Any]) -> str:
@@ -32,10 +35,18 @@ def _run_key(config: dict[str, Any]) -> str:
 
 
 @flow(name="deployment_simulation")
-def deployment_simulation(config: dict[str, Any]) -> dict[str, Any]:
-    """Run one deployment simulation. `config` is a resolved Settings dump (no secrets)."""
+def deployment_simulation(config: dict[str, Any] | None = None,
+                          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one deployment simulation.
+
+    Args:
+        config: a resolved Settings dump (what the CLI passes); None resolves conf/default.yaml,
+            DEPSIM_* environment and `overrides` here (what deployments pass).
+        overrides: nested settings layered on top, e.g. {"models": {"candidate": {"model": "x"}}}.
+    """
     t0 = time.perf_counter()
-    s = Settings.model_validate(config)
+    s = Settings.model_validate(config) if config is not None else load_settings(overrides=overrides)
+    config = s.public_dict()
     store = RunStore(s.run.store, _run_key(config))
     raw, data_hash = load_task(s, store)
     checked = check_task(raw, s, store)
@@ -59,10 +70,11 @@ def deployment_simulation(config: dict[str, Any]) -> dict[str, Any]:
     create_table_artifact(gated.select("category", "rate", "lower", "upper", "delta", "gate").to_dicts(),
                           key="depsim-gate", description=f"gate verdict {verdict}")
     ctx["elapsed_s"] = round(time.perf_counter() - t0, 2)
-    run_id = log_task(ctx, s, store)
+    run_id, experiment_id = log_task(ctx, s, store)
     return {
-        "run_id": run_id, "run_key": store.run_key, "tracking_uri": s.run.tracking_uri,
-        "experiment": s.run.experiment, "report": report_path, "store": store.uri, "verdict": verdict,
+        "run_id": run_id, "run_key": store.run_key, "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "tracking_uri": s.run.tracking_uri or default_tracking_uri(),
+        "experiment": s.run.experiment, "experiment_id": experiment_id, "report": report_path, "store": store.uri, "verdict": verdict,
         "metrics": {r["category"]: {"rate": r["rate"], "lower": r["lower"], "upper": r["upper"],
                                     "delta": r["delta"], "delta_lower": r["delta_lower"],
                                     "delta_upper": r["delta_upper"], "gate": r["gate"]}

@@ -181,10 +181,13 @@ def read_conf_yaml(name: str) -> dict[str, Any]:
 def _env_layer() -> dict[str, Any]:
     """DEPSIM_A__B=value → {"a": {"b": value}} (values parsed as YAML scalars/lists)."""
     out: dict[str, Any] = {}
+    sections = set(Settings.model_fields)
     for key, raw in os.environ.items():
-        if not key.startswith("DEPSIM_") or key in ("DEPSIM_CONFIG",):
+        if not key.startswith("DEPSIM_"):
             continue
         parts = key[len("DEPSIM_"):].lower().split("__")
+        if parts[0] not in sections or len(parts) < 2:
+            continue  # other DEPSIM_* variables (DEPSIM_CONFIG, DEPSIM_S3_ENDPOINT_URL) are not config keys
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:

@@ -141,7 +141,7 @@ def stage_report(ctx: dict[str, Any], store: RunStore) -> tuple[str, str]:
     return store.write_text("report.html", page), md
 
 
-def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> str:
+def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, str]:
     from tasks.tracking import default_tracking_uri, log_run, metrics_of
 
     store.write_json("config.json", s.public_dict())

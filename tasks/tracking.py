@@ -45,8 +45,8 @@ def metrics_of(gated: pl.DataFrame, estimates: pl.DataFrame) -> dict[str, float]
 
 
 def log_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
-            metrics: dict[str, float], tags: dict[str, str], artifact_dir: Path) -> str:
-    """Create the MLflow run with everything; returns its id."""
+            metrics: dict[str, float], tags: dict[str, str], artifact_dir: Path) -> tuple[str, str]:
+    """Create the MLflow run with everything; returns (run id, experiment id)."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
@@ -72,4 +72,4 @@ def log_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str,
         client.delete_run(run_id)
         raise
     _ = mlflow  # imported for its side effect of registering stores
-    return run_id
+    return run_id, exp_id

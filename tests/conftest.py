@@ -76,8 +76,9 @@ def synthetic_server() -> Iterator[str]:
         proc.kill()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], cwd: Path, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The real `depsim` CLI in a subprocess (its own Prefect temporary server)."""
-    env = {**os.environ}
+    env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

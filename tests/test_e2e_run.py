@@ -92,3 +92,30 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert "missing.jsonl: no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli(["run", "--seed", "abc"], cwd=tmp_path)
     assert proc.returncode == 2 and "--seed must be an integer" in proc.stderr
+
+
+def test_secret_never_reaches_mlflow_or_report(tmp_path: Path, synthetic_server: str) -> None:
+    secret = "sk-test-DO-NOT-LOG-0123456789abcdef"
+    cfg = tmp_path / "real.yaml"
+    cfg.write_text(f"models:\n  candidate:\n    base_url: {synthetic_server}\n    model: synthetic-agent-v2\n"
+                   "    api_key_env: CANDIDATE_KEY_FOR_TEST\n")
+    data = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(60, seed=2))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tmp_path / "store"
+    proc = run_cli(["run", "--config", str(cfg), "--data", str(data), "--n", "40", "--tracking-uri", uri,
+                    "--store", str(store), "--json"], cwd=tmp_path, env={"CANDIDATE_KEY_FOR_TEST": secret})
+    assert proc.returncode in (0, 1, 3), proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model_calls"] > 40  # the candidate really was called over HTTP
+    run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
+    assert run.data.params["config.models.candidate.api_key_env"] == "CANDIDATE_KEY_FOR_TEST"
+    everything = json.dumps([run.data.params, run.data.tags]) + proc.stdout + proc.stderr
+    for f in store.rglob("*"):
+        if f.is_file():
+            everything += f.read_bytes().decode("utf-8", "replace")
+    for f in (tmp_path / "mlruns").rglob("*") if (tmp_path / "mlruns").exists() else []:
+        if f.is_file():
+            everything += f.read_bytes().decode("utf-8", "replace")
+    assert secret not in everything
+    proc = run_cli(["run", "--config", str(cfg), "--data", str(data), "--json"], cwd=tmp_path)
+    assert proc.returncode == 4 and "CANDIDATE_KEY_FOR_TEST" in json.loads(proc.stdout)["error"]

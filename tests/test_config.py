@@ -1,0 +1,65 @@
+"""Configuration precedence, validation errors and secret handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ConfigError, Endpoint, load_settings
+
+
+def test_defaults_come_from_conf_default_yaml() -> None:
+    s = load_settings()
+    assert s.models.candidate.model == "synthetic-agent-v2"
+    assert s.models.candidate.synthetic
+    assert s.sample.strata == ["surface", "task_type", "uses_tools"]
+
+
+def test_precedence_file_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sample:\n  n: 11\nrun:\n  seed: 1\nmodels:\n  candidate:\n    model: from-file\n")
+    assert load_settings(str(cfg)).sample.n == 11
+    monkeypatch.setenv("DEPSIM_SAMPLE__N", "22")
+    monkeypatch.setenv("DEPSIM_MODELS__CANDIDATE__CONCURRENCY", "3")
+    s = load_settings(str(cfg))
+    assert s.sample.n == 22 and s.run.seed == 1 and s.models.candidate.model == "from-file"
+    assert s.models.candidate.concurrency == 3
+    s = load_settings(str(cfg), {"sample": {"n": 33}})
+    assert s.sample.n == 33
+
+
+def test_unrelated_depsim_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEPSIM_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("DEPSIM_CONFIG", "")
+    assert load_settings().sample.n > 0
+
+
+@pytest.mark.parametrize(("over", "needle"), [
+    ({"sample": {"n": 0}}, "sample.n"),
+    ({"run": {"seed": "abc"}}, "run.seed"),
+    ({"run": {"seed": 1.5}}, "run.seed"),
+    ({"sample": {"allocation": "magic"}}, "sample.allocation"),
+    ({"models": {"candidate": {"model": "x", "typo_key": 1}}}, "typo_key"),
+])
+def test_invalid_values_name_the_key(over: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_settings(overrides=over)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(str(tmp_path / "nope.yaml"))
+
+
+def test_secret_comes_from_env_and_never_from_dumps(monkeypatch: pytest.MonkeyPatch) -> None:
+    ep = Endpoint(base_url="https://example.invalid/v1", model="m", api_key_env="MY_TEST_KEY")
+    with pytest.raises(ConfigError, match="MY_TEST_KEY"):
+        ep.api_key()
+    monkeypatch.setenv("MY_TEST_KEY", "sk-very-secret-123")
+    assert ep.api_key().get_secret_value() == "sk-very-secret-123"
+    assert "sk-very-secret-123" not in repr(ep.api_key())
+    s = load_settings(overrides={"models": {"candidate": {"api_key_env": "MY_TEST_KEY"}}})
+    dumped = json.dumps(s.public_dict())
+    assert "MY_TEST_KEY" in dumped and "sk-very-secret-123" not in dumped
