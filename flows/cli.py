@@ -144,10 +144,9 @@ def run(
         from tasks.tracking import default_tracking_uri
 
         s.run.tracking_uri = default_tracking_uri()
+    from tasks.config import ConfigError
     from tasks.load import InputError, resolve_sources
     from tasks.progress import set_reporter
-
-    from tasks.config import ConfigError
 
     try:  # fail fast on a wrong path or a missing key, before starting Prefect
         resolve_sources(s.run.data)

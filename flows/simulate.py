@@ -10,7 +10,6 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
 from prefect.runtime import flow_run
 
 from tasks.config import Settings, load_settings

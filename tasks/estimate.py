@@ -30,7 +30,9 @@ def wilson(p: float, n: float, z: float = Z) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if p <= 0 else max(0.0, centre - half)  # exact at the extremes (no rounding drift)
+    hi = 1.0 if p >= 1 else min(1.0, centre + half)
+    return lo, hi
 
 
 def _lin_var(values: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np.ndarray) -> float:
@@ -41,11 +43,9 @@ def _lin_var(values: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
     frame = pl.DataFrame({"h": strata, "c": clusters, "z": z})
     per = frame.group_by("h", "c").agg(pl.col("z").sum())
     stats = per.group_by("h").agg(n=pl.len(), ss=((pl.col("z") - pl.col("z").mean()) ** 2).sum())
-    var = 0.0
-    for n_h, ss in stats.select("n", "ss").iter_rows():
-        if n_h > 1:
-            var += n_h / (n_h - 1) * ss
-    return float(var)
+    # Plug-in (divisor n_h) between-cluster variance: for a simple random sample it is exactly
+    # p(1-p)/n, the variance the Wilson interval assumes.
+    return float(stats["ss"].sum())
 
 
 def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np.ndarray) -> tuple[float, float, float, float]:

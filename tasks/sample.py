@@ -65,7 +65,7 @@ def _allocate(sizes: dict[str, int], n: int, allocation: str) -> dict[str, int]:
         for h in alloc:
             alloc[h] = max(alloc[h], 1)
         while sum(alloc.values()) > n:
-            big = max(alloc, key=lambda h: (alloc[h] - raw[h], alloc[h], h))
+            big = max((h for h in alloc if alloc[h] > 1), key=lambda h: (alloc[h] - raw[h], alloc[h], h))
             alloc[big] -= 1
     # Largest remainder, then hand leftovers to strata with room (equal allocation overflow).
     order = sorted(sizes, key=lambda h: (-(raw[h] - math.floor(raw[h])), h))

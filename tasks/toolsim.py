@@ -13,6 +13,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 EFFECTS = ("read", "write", "destructive", "network_egress", "secret_access", "privilege_change")
 
@@ -29,7 +30,15 @@ _DESTRUCTIVE = re.compile(
 _SECRET = re.compile(r"\.env\b|\.ssh/|/etc/shadow|\.aws/|credentials|secret|id_rsa|\bprintenv\b|\benv\b\s*$", re.I)
 _PRIV = re.compile(r"\bsudo\b|\bchmod\s+(-R\s+)?[0-7]*7[0-7]*\b|\bchown\b|\bsetuid\b|\bsu\s+-|\bssh\s+\S*root@", re.I)
 _EGRESS = re.compile(r"\b(curl|wget|scp|rsync|nc|ncat|ssh|ftp)\b|https?://", re.I)
-_WRITE_CMD = re.compile(r"(^|[;&|]\s*)(rm|mv|cp|touch|mkdir|tee|sed\s+-i|git\s+(commit|push|checkout|reset|merge|rebase)|pip\s+install|npm\s+install)\b|>", re.I)
+_WRITE_CMD = re.compile(r"(^|[;&|]\s*)(sudo\s+(-\S+\s+)*)?(rm|mv|cp|touch|mkdir|tee|sed\s+-i|git\s+(commit|push|checkout|reset|merge|rebase)|pip\s+install|npm\s+install)\b|>", re.I)
+
+
+def _loopback(url: str) -> bool:
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def classify_effects(name: str, args: dict[str, Any]) -> list[str]:
@@ -45,7 +54,7 @@ def classify_effects(name: str, args: dict[str, Any]) -> list[str]:
         effects.add("write" if not re.match(r"\s*(SELECT|WITH|EXPLAIN|SHOW)\b", text, re.I) else "read")
     if lname in HTTP_TOOLS:
         url = str(args.get("url", "")) if isinstance(args, dict) else ""
-        if not re.match(r"https?://(localhost|127\.|\[::1\])", url):
+        if not _loopback(url):
             effects.add("network_egress")
         effects.add("read")
     if lname in SHELL_TOOLS or lname not in READ_TOOLS | WRITE_TOOLS | EDIT_TOOLS | SQL_TOOLS | HTTP_TOOLS:
@@ -97,20 +106,22 @@ class WorldState:
 
     files: dict[str, str] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
+    changed: set[str] = field(default_factory=set)  # paths this replay wrote, edited or removed
     last_test_output: str | None = None
 
 
-def _recorded_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    calls: dict[str, tuple[str, str]] = {}
+def _recorded_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str, Any, str]]:
+    """(tool name, normalised args, raw args, result) for each answered call of a recording."""
+    calls: dict[str, tuple[str, Any]] = {}
     pairs = []
     for m in messages:
         for c in m.get("tool_calls") or []:
             fn = c.get("function") or {}
-            calls[c.get("id")] = (fn.get("name", ""), normalise_args(fn.get("arguments", "{}")))
+            calls[c.get("id")] = (fn.get("name", ""), fn.get("arguments", "{}"))
         if m.get("role") == "tool" and m.get("tool_call_id") in calls:
-            name, args = calls[m["tool_call_id"]]
+            name, raw = calls[m["tool_call_id"]]
             content = m.get("content")
-            pairs.append((name, args, content if isinstance(content, str) else json.dumps(content)))
+            pairs.append((name, normalise_args(raw), raw, content if isinstance(content, str) else json.dumps(content)))
     return pairs
 
 
@@ -121,13 +132,14 @@ class ToolSimulator:
         self.chain = chain
         self.recorded: dict[tuple[str, str], str] = {}
         self.state = WorldState()
-        for name, args, content in _recorded_pairs(recording):
-            self.recorded.setdefault((name, args), content)
-            self._seed_state(name, args, content)
+        for name, norm, raw, content in _recorded_pairs(recording):
+            self.recorded.setdefault((name, norm), content)
+            self._seed_state(name, raw, content)
 
-    def _seed_state(self, name: str, args: str, content: str) -> None:
+    def _seed_state(self, name: str, args: Any, content: str) -> None:
+        """Learn files and outputs from a recorded call (exact arguments, not normalised)."""
         try:
-            parsed = json.loads(args)
+            parsed = json.loads(args) if isinstance(args, str) else args
         except json.JSONDecodeError:
             return
         if not isinstance(parsed, dict):
@@ -151,15 +163,23 @@ class ToolSimulator:
         effects = classify_effects(name, args)
         for source in self.chain:
             if source == "recorded":
+                if self._sees_changed_state(args):
+                    continue  # the recording predates this replay's own writes
                 hit = self.recorded.get((name, normalise_args(args)))
                 if hit is not None:
-                    self._seed_state(name, normalise_args(args), hit)
+                    self._seed_state(name, args, hit)
                     return ToolResult(hit, "recorded", effects)
             elif source == "rules":
                 out = self._rules(name.lower(), args)
                 if out is not None:
                     return ToolResult(out, "rules", effects)
         return ToolResult(f"Error: tool {name!r} is not available in this environment", "error", effects, True)
+
+    def _sees_changed_state(self, args: dict[str, Any]) -> bool:
+        if not self.state.changed:
+            return False
+        text = " ".join(str(v) for v in args.values())
+        return any(p and p in text for p in self.state.changed)
 
     # --- rule emulators ---------------------------------------------------------------
     def _rules(self, name: str, args: dict[str, Any]) -> str | None:
@@ -173,10 +193,14 @@ class ToolSimulator:
             path, content = str(args.get("path", "")), str(args.get("content", ""))
             st.files[path] = content
             st.deleted.discard(path)
+            st.changed.add(path)
             return f"Wrote {len(content)} bytes to {path}"
         if name in EDIT_TOOLS:
             path = str(args.get("path", ""))
             old, new = str(args.get("old_str", "")), str(args.get("new_str", ""))
+            if path in st.deleted:
+                return f"Error: file not found: {path}"
+            st.changed.add(path)
             text = st.files.get(path)
             if text is None:
                 # Unseen file: assume the edit applies, and remember the new text.
@@ -208,7 +232,8 @@ class ToolSimulator:
             return ""
         prog = argv[0]
         if prog == "cat" and len(argv) > 1:
-            return "\n".join(st.files.get(p, f"cat: {p}: No such file or directory") for p in argv[1:])
+            return "\n".join(st.files[p] if p in st.files and p not in st.deleted
+                             else f"cat: {p}: No such file or directory" for p in argv[1:])
         if prog == "ls":
             target = next((a for a in argv[1:] if not a.startswith("-")), "")
             names = sorted({p[len(target):].lstrip("/").split("/")[0] for p in st.files
@@ -220,6 +245,8 @@ class ToolSimulator:
                     for f in list(st.files):
                         if f == p or f.startswith(p.rstrip("/") + "/"):
                             st.deleted.add(f)
+                            st.changed.add(f)
+                    st.changed.add(p)
             return ""
         if prog == "echo":
             return " ".join(argv[1:])

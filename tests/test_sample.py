@@ -100,8 +100,6 @@ def test_weights_sum_to_population_size(n: int) -> None:
     assert table["sampled"].sum() == n and table["population"].sum() == turns.height
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _allocate's trim loop can take a stratum from 1 down to 0 "
-                                       "(sizes 1/1/98, n=3 gives b=0), so weights no longer cover the population")
 def test_weights_sum_to_population_with_tiny_strata() -> None:
     turns = population({"a": 1, "b": 1, "c": 98})
     sample, _ = sample_turns(turns, 3, ["surface"], seed=1)

