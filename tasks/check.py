@@ -242,6 +242,7 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
     for row in raw.iter_rows(named=True):
         if row["record"] is None:
             reject(row, None, "json_parse", "", row["parse_error"] or "unreadable line")
+            quarantine[-1]["record"] = (row.get("excerpt") or "")[:2000]
             continue
         try:
             rec = json.loads(row["record"])
@@ -280,15 +281,17 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
                        "verdict": "error", "unexpected": 0, "error": f"{type(exc).__name__}: {exc}"})
     q = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA)
     by_rule = {r: c for r, c in q.group_by("rule").len().iter_rows()} if q.height else {}
-    checks.extend({"check": f"row_rule:{rule}", "engine": "depsim",
-                   "verdict": "failed" if by_rule.get(rule) else "passed",
-                   "unexpected": by_rule.get(rule, 0)} for rule in contract["row_rules"])
     share = q.height / raw.height if raw.height else 1.0
     verdict = "passed"
     if share > fail_share or valid.height == 0:
         verdict = "failed"
-    elif share > warn_share or q.height:
-        verdict = "warning" if share > warn_share else "passed"
+    elif share > warn_share:
+        verdict = "warning"
     if engine_error:
         verdict = "error"
+    # A rule that quarantined rows is a warning while the run goes on, a failure when it stops it.
+    hit = "failed" if verdict == "failed" else "warning"
+    checks.extend({"check": f"row_rule:{rule}", "engine": "depsim",
+                   "verdict": hit if by_rule.get(rule) else "passed",
+                   "unexpected": by_rule.get(rule, 0)} for rule in contract["row_rules"])
     return CheckResult(valid, q, verdict, raw.height, by_rule, checks, gx_json)

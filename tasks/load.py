@@ -85,27 +85,30 @@ def _jsonl_rows(source: str, data: bytes) -> list[dict[str, Any]]:
     if lines and lines[-1] == b"":
         lines.pop()
     for lineno, raw in enumerate(lines, start=1):
+        excerpt = raw[:500].decode("utf-8", "replace")
         if not raw.strip():
             rows.append({"source_file": source, "source_line": lineno, "record": None,
-                         "parse_error": "empty line"})
+                         "parse_error": "empty line", "excerpt": excerpt})
             continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             rows.append({"source_file": source, "source_line": lineno, "record": None,
-                         "parse_error": f"invalid UTF-8 at byte {exc.start}"})
+                         "parse_error": f"invalid UTF-8 at byte {exc.start}", "excerpt": excerpt})
             continue
         try:
             obj = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:
             rows.append({"source_file": source, "source_line": lineno, "record": None,
-                         "parse_error": f"invalid JSON: {getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')}"})
+                         "parse_error": f"invalid JSON: {getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')}",
+                         "excerpt": excerpt})
             continue
         if not isinstance(obj, dict):
             rows.append({"source_file": source, "source_line": lineno, "record": None,
-                         "parse_error": f"expected a JSON object, got {type(obj).__name__}"})
+                         "parse_error": f"expected a JSON object, got {type(obj).__name__}", "excerpt": excerpt})
             continue
-        rows.append({"source_file": source, "source_line": lineno, "record": text, "parse_error": None})
+        rows.append({"source_file": source, "source_line": lineno, "record": text, "parse_error": None,
+                     "excerpt": None})
     if not rows:
         raise InputError(f"{source}: file is empty")
     return rows
@@ -128,7 +131,8 @@ def _parquet_rows(source: str, data: bytes) -> list[dict[str, Any]]:
                 with contextlib.suppress(json.JSONDecodeError):
                     rec[key] = json.loads(value)
         rows.append({"source_file": source, "source_line": i,
-                     "record": json.dumps(rec, default=str, ensure_ascii=False), "parse_error": None})
+                     "record": json.dumps(rec, default=str, ensure_ascii=False), "parse_error": None,
+                     "excerpt": None})
     return rows
 
 

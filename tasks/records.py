@@ -18,6 +18,7 @@ RAW_SCHEMA = {
     "source_line": pl.Int64,
     "record": pl.String,        # the row as JSON text (null when it could not be parsed)
     "parse_error": pl.String,   # why the line could not be read as a JSON object
+    "excerpt": pl.String,       # the start of an unreadable line, for the quarantine
 }
 
 CONVERSATION_SCHEMA = {
