@@ -12,6 +12,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from tasks.check import summary_markdown
 from tasks.config import Settings, load_settings
 from tasks.prefect_tasks import (
     check_task,
@@ -49,6 +50,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
     store = RunStore(s.run.store, _run_key(config))
     raw, data_hash = load_task(s, store)
     checked = check_task(raw, s, store)
+    create_markdown_artifact(summary_markdown(checked), key="depsim-contract", description="contract check")
     sample, strata, population = sample_task(checked.valid, s, store)
     candidate, model_calls = replay_task(sample, checked.valid, s, store)
     scores = judge_task(candidate, sample, checked.valid, s, store)
@@ -58,7 +60,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "run_key": store.run_key, "candidate": s.models.candidate.model, "baseline": s.models.baseline.model,
         "synthetic": s.models.candidate.synthetic, "data": s.run.data or "bundled SYNTHETIC logs",
         "dataset_hash": data_hash, "seed": s.run.seed, "verdict": verdict, "gated": gated, "estimates": estimates,
-        "check": checked.summary(), "quarantine": checked.quarantine, "strata": strata,
+        "check": checked.summary(), "checks": checked.checks, "quarantine": checked.quarantine, "strata": strata,
         "sampled_turns": sample.height, "population_turns": population, "weight_sum": float(sample["weight"].sum()),
         "finish_counts": finish, "error_counts": errors, "source_counts": sources, "model_calls": model_calls,
         "prompt_tokens": int(candidate["prompt_tokens"].sum()), "completion_tokens": int(candidate["completion_tokens"].sum()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -17,6 +18,7 @@ from typing import Any
 import polars as pl
 import yaml
 
+from tasks.normalise import normalise_record
 from tasks.records import CONVERSATION_SCHEMA, QUARANTINE_SCHEMA
 
 VERDICTS = ("passed", "warning", "failed", "error")
@@ -38,6 +40,8 @@ class CheckResult:
     by_rule: dict[str, int]
     checks: list[dict[str, Any]] = field(default_factory=list)
     gx_result: dict[str, Any] | None = None
+    normalised: dict[str, int] = field(default_factory=dict)
+    gx_html: str | None = None
 
     @property
     def rows_quarantined(self) -> int:
@@ -50,7 +54,18 @@ class CheckResult:
     def summary(self) -> dict[str, Any]:
         return {"rows_in": self.rows_in, "rows_passed": self.rows_passed,
                 "rows_quarantined": self.rows_quarantined, "verdict": self.verdict,
-                "by_rule": dict(sorted(self.by_rule.items()))}
+                "by_rule": dict(sorted(self.by_rule.items())),
+                "normalised": dict(sorted(self.normalised.items())),
+                "by_file": self.by_file()}
+
+    def by_file(self) -> dict[str, dict[str, int]]:
+        """rows passed / quarantined per source file."""
+        out: dict[str, dict[str, int]] = {}
+        for f, n in self.valid.group_by("source_file").len().iter_rows():
+            out.setdefault(f, {"rows_passed": 0, "rows_quarantined": 0})["rows_passed"] = n
+        for f, n in self.quarantine.group_by("source_file").len().iter_rows():
+            out.setdefault(f, {"rows_passed": 0, "rows_quarantined": 0})["rows_quarantined"] = n
+        return dict(sorted(out.items()))
 
 
 class Violation(Exception):
@@ -69,7 +84,7 @@ def _content_text(content: Any) -> str:
     raise Violation("type", "content", f"content must be a string or a list of parts, got {type(content).__name__}")
 
 
-def check_record(rec: dict[str, Any], contract: dict[str, Any]) -> dict[str, Any]:
+def check_record(rec: dict[str, Any], contract: dict[str, Any], tools_inferred: bool = False) -> dict[str, Any]:
     """Apply every row rule to one record; return the typed row or raise the first Violation."""
     fields = contract["fields"]
     for name, spec in fields.items():
@@ -112,7 +127,7 @@ def check_record(rec: dict[str, Any], contract: dict[str, Any]) -> dict[str, Any
         "conversation_id": rec["conversation_id"], "model": rec["model"], "created_at": created,
         "surface": rec.get("surface"), "task_type": rec.get("task_type"), "language": rec.get("language"),
         "tools": json.dumps(tools, ensure_ascii=False), "messages": json.dumps(messages, ensure_ascii=False),
-        "labels": json.dumps(labels), "n_messages": len(messages),
+        "labels": json.dumps(labels), "n_messages": len(messages), "tools_inferred": tools_inferred,
     }
 
 
@@ -177,10 +192,10 @@ def _check_messages(messages: list[Any], declared: set[str], has_tools: bool, co
     # Calls left unanswered at the very end are allowed (e.g. an agent's final `finish` call).
 
 
-def _gx_checks(frame: pl.DataFrame, contract: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, tuple[str, str]]]:
+def _gx_checks(frame: pl.DataFrame, contract: dict[str, Any]) -> tuple[list[dict[str, Any]], Any, dict[int, tuple[str, str]]]:
     """Column expectations built from the contract, run by Great Expectations (ephemeral).
 
-    Returns (check list, the GX result as JSON, row index → (rule, reason) for failing rows).
+    Returns (check list, the GX validation result, row index → (rule, reason) for failing rows).
     """
     import logging
 
@@ -223,7 +238,7 @@ def _gx_checks(frame: pl.DataFrame, contract: dict[str, Any]) -> tuple[list[dict
         for item in r.result.get("unexpected_index_list") or []:
             row = int(item["_row"]) if isinstance(item, dict) else int(item)
             bad.setdefault(row, (rule, f"{col}: fails {cfg.type}"))
-    return checks, result.to_json_dict(), bad
+    return checks, result, bad
 
 
 def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share: float,
@@ -233,6 +248,7 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
     quarantine: list[dict[str, Any]] = []
     seen: dict[str, tuple[str, int]] = {}
     checks: list[dict[str, Any]] = []
+    normalised: Counter[str] = Counter()
 
     def reject(row: dict[str, Any], cid: Any, rule: str, fld: str, reason: str) -> None:
         quarantine.append({"source_file": row["source_file"], "source_line": row["source_line"],
@@ -244,14 +260,22 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
             reject(row, None, "json_parse", "", row["parse_error"] or "unreadable line")
             quarantine[-1]["record"] = (row.get("excerpt") or "")[:2000]
             continue
+        rec: Any = None
         try:
             rec = json.loads(row["record"])
-            typed = check_record(rec, contract)
+            if not isinstance(rec, dict):
+                raise Violation("json_parse", "", f"expected a JSON object, got {type(rec).__name__}")
+            rec, inferred = normalise_record(rec, normalised)
+            typed = check_record(rec, contract, inferred)
         except Violation as v:
-            reject(row, rec.get("conversation_id"), v.rule, v.field, v.reason)
+            reject(row, rec.get("conversation_id") if isinstance(rec, dict) else None, v.rule, v.field, v.reason)
             continue
-        except (RecursionError, TypeError, AttributeError, ValueError) as exc:  # hostile shapes
-            reject(row, None, "message_shape", "", f"malformed record: {type(exc).__name__}")
+        except (json.JSONDecodeError, RecursionError) as exc:
+            reject(row, None, "json_parse", "", f"invalid JSON: {type(exc).__name__}")
+            continue
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:  # hostile shapes
+            reject(row, rec.get("conversation_id") if isinstance(rec, dict) else None, "message_shape", "",
+                   f"malformed record: {type(exc).__name__}: {str(exc)[:120]}")
             continue
         cid = typed["conversation_id"]
         if cid in seen:
@@ -263,9 +287,11 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
         good.append(typed)
     valid = pl.DataFrame(good, schema=CONVERSATION_SCHEMA)
     gx_json: dict[str, Any] | None = None
+    gx_html: str | None = None
     engine_error = False
     try:
-        gx_checks, gx_json, bad = _gx_checks(valid, contract)
+        gx_checks, gx_live, bad = _gx_checks(valid, contract)
+        gx_json, gx_html = gx_live.to_json_dict(), render_gx_html(gx_live)
         checks.extend(gx_checks)
         if bad:
             rows = valid.to_dicts()
@@ -294,4 +320,28 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
     checks.extend({"check": f"row_rule:{rule}", "engine": "depsim",
                    "verdict": hit if by_rule.get(rule) else "passed",
                    "unexpected": by_rule.get(rule, 0)} for rule in contract["row_rules"])
-    return CheckResult(valid, q, verdict, raw.height, by_rule, checks, gx_json)
+    return CheckResult(valid, q, verdict, raw.height, by_rule, checks, gx_json, dict(normalised), gx_html)
+
+
+def render_gx_html(result: Any) -> str | None:
+    """A live GX validation result rendered by GX's own page renderer (its CSS comes from CDNs)."""
+    try:
+        from great_expectations.render.renderer import ValidationResultsPageRenderer
+        from great_expectations.render.view import DefaultJinjaPageView
+
+        return DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(result))
+    except Exception:  # rendering is a convenience; the JSON result is the record
+        return None
+
+
+def summary_markdown(result: CheckResult) -> str:
+    """A short Markdown summary of a check, for Prefect artifacts and the CLI."""
+    s = result.summary()
+    lines = [f"**Contract check: {s['verdict']}** — {s['rows_passed']} of {s['rows_in']} rows passed, "
+             f"{s['rows_quarantined']} quarantined.", "", "| file | passed | quarantined |", "|---|---:|---:|"]
+    lines += [f"| {f} | {c['rows_passed']} | {c['rows_quarantined']} |" for f, c in s["by_file"].items()]
+    if s["by_rule"]:
+        lines += ["", "| rule | rows |", "|---|---:|"] + [f"| {r} | {n} |" for r, n in s["by_rule"].items()]
+    if s["normalised"]:
+        lines += ["", "| normalisation | applied |", "|---|---:|"] + [f"| {k} | {n} |" for k, n in s["normalised"].items()]
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ CONVERSATION_SCHEMA = {
     "messages": pl.String,
     "labels": pl.String,
     "n_messages": pl.Int64,
+    "tools_inferred": pl.Boolean,   # tools were absent and inferred from the calls
     "source_file": pl.String,
     "source_line": pl.Int64,
 }

@@ -91,8 +91,23 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
          _table(gated, cols, pct),
          "<h2>Data contract</h2>",
          f"<p>verdict <b>{check['verdict']}</b> · rows in {check['rows_in']} · passed {check['rows_passed']} · quarantined {check['rows_quarantined']}</p>"]
+    files = pl.DataFrame([{"file": f, **c} for f, c in check.get("by_file", {}).items()],
+                         schema={"file": pl.String, "rows_passed": pl.Int64, "rows_quarantined": pl.Int64})
+    if files.height:
+        h.append(_table(files, files.columns))
+    if check.get("by_rule"):
+        h.append("<p>Quarantined rows by rule: " + ", ".join(f"<code>{html.escape(r)}</code> {n}" for r, n in check["by_rule"].items()) + "</p>")
+    if check.get("normalised"):
+        h.append("<p>Normalised before checking: " + ", ".join(f"<code>{html.escape(k)}</code> {n}" for k, n in check["normalised"].items()) + "</p>")
     if q.height:
         h.append(_table(q.head(50), ["source_file", "source_line", "rule", "reason"]))
+        if q.height > 50:
+            h.append(f"<p class='muted'>… {q.height - 50} more in quarantine.parquet.</p>")
+    checks = pl.DataFrame(ctx.get("checks") or [], schema={"check": pl.String, "engine": pl.String, "verdict": pl.String, "unexpected": pl.Int64})
+    if checks.height:
+        h.append("<details><summary>All contract checks (Great Expectations and row rules)</summary>"
+                 + _table(checks, ["check", "engine", "verdict", "unexpected"]) + "</details>")
+        h.append("<p class='muted'>Great Expectations' own rendering: <code>gx_validation.html</code> beside this report (needs network for its styles).</p>")
     h += ["<h2>Sample</h2>",
           f"<p>{ctx['sampled_turns']} of {ctx['population_turns']} turns sampled in {strata.height} strata; weights sum to {ctx['weight_sum']:.1f}.</p>",
           _table(strata, strata.columns),
@@ -108,6 +123,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           "| category | rate | 95% interval | baseline | delta | gate |", "|---|---:|---:|---:|---:|---|"]
     for r in gated.iter_rows(named=True):
         md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} |")
-    md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined.",
+    md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined"
+           + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else "."),
            f"Sample: {ctx['sampled_turns']} of {ctx['population_turns']} turns.", ""]
     return "".join(h), "\n".join(md)

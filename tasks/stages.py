@@ -51,6 +51,8 @@ def stage_check(raw: pl.DataFrame, s: Settings, store: RunStore) -> CheckResult:
     store.write_json("contract_check.json", {**result.summary(), "checks": result.checks})
     if result.gx_result is not None:
         store.write_json("gx_validation.json", result.gx_result)
+    if result.gx_html:
+        store.write_text("gx_validation.html", result.gx_html)
     report("check", raw.height, raw.height)
     if result.verdict in ("failed", "error"):
         raise ContractFailed(result, s.contract.fail_bad_share)
@@ -150,6 +152,7 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
     metrics.update({"contract.rows_in": check["rows_in"], "contract.rows_passed": check["rows_passed"],
                     "contract.rows_quarantined": check["rows_quarantined"],
                     **{f"contract.quarantined.{k}": v for k, v in check["by_rule"].items()},
+                    **{f"contract.normalised.{k}": v for k, v in check["normalised"].items()},
                     "sample.turns": ctx["sampled_turns"], "population.turns": ctx["population_turns"],
                     "replay.model_calls": ctx["model_calls"],
                     "replay.errors": sum(v for k, v in ctx["finish_counts"].items() if k != "answered"),
