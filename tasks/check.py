@@ -42,6 +42,8 @@ class CheckResult:
     gx_result: dict[str, Any] | None = None
     normalised: dict[str, int] = field(default_factory=dict)
     gx_html: str | None = None
+    warn_share: float = 0.01
+    fail_share: float = 0.10
 
     @property
     def rows_quarantined(self) -> int:
@@ -58,13 +60,16 @@ class CheckResult:
                 "normalised": dict(sorted(self.normalised.items())),
                 "by_file": self.by_file()}
 
-    def by_file(self) -> dict[str, dict[str, int]]:
-        """rows passed / quarantined per source file."""
-        out: dict[str, dict[str, int]] = {}
+    def by_file(self) -> dict[str, dict[str, Any]]:
+        """Rows passed / quarantined and the verdict the same limits give, per source file."""
+        out: dict[str, dict[str, Any]] = {}
         for f, n in self.valid.group_by("source_file").len().iter_rows():
             out.setdefault(f, {"rows_passed": 0, "rows_quarantined": 0})["rows_passed"] = n
         for f, n in self.quarantine.group_by("source_file").len().iter_rows():
             out.setdefault(f, {"rows_passed": 0, "rows_quarantined": 0})["rows_quarantined"] = n
+        for c in out.values():
+            c["verdict"] = share_verdict(c["rows_quarantined"], c["rows_passed"] + c["rows_quarantined"],
+                                         self.warn_share, self.fail_share)
         return dict(sorted(out.items()))
 
 
@@ -307,12 +312,9 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
                        "verdict": "error", "unexpected": 0, "error": f"{type(exc).__name__}: {exc}"})
     q = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA)
     by_rule = {r: c for r, c in q.group_by("rule").len().iter_rows()} if q.height else {}
-    share = q.height / raw.height if raw.height else 1.0
-    verdict = "passed"
-    if share > fail_share or valid.height == 0:
+    verdict = share_verdict(q.height, raw.height, warn_share, fail_share)
+    if valid.height == 0:
         verdict = "failed"
-    elif share > warn_share:
-        verdict = "warning"
     if engine_error:
         verdict = "error"
     # A rule that quarantined rows is a warning while the run goes on, a failure when it stops it.
@@ -320,7 +322,14 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
     checks.extend({"check": f"row_rule:{rule}", "engine": "depsim",
                    "verdict": hit if by_rule.get(rule) else "passed",
                    "unexpected": by_rule.get(rule, 0)} for rule in contract["row_rules"])
-    return CheckResult(valid, q, verdict, raw.height, by_rule, checks, gx_json, dict(normalised), gx_html)
+    return CheckResult(valid, q, verdict, raw.height, by_rule, checks, gx_json, dict(normalised), gx_html,
+                       warn_share, fail_share)
+
+
+def share_verdict(bad: int, total: int, warn_share: float, fail_share: float) -> str:
+    """passed / warning / failed from the share of bad rows and the configured limits."""
+    share = bad / total if total else 1.0
+    return "failed" if share > fail_share else "warning" if share > warn_share else "passed"
 
 
 def render_gx_html(result: Any) -> str | None:
@@ -338,8 +347,8 @@ def summary_markdown(result: CheckResult) -> str:
     """A short Markdown summary of a check, for Prefect artifacts and the CLI."""
     s = result.summary()
     lines = [f"**Contract check: {s['verdict']}** — {s['rows_passed']} of {s['rows_in']} rows passed, "
-             f"{s['rows_quarantined']} quarantined.", "", "| file | passed | quarantined |", "|---|---:|---:|"]
-    lines += [f"| {f} | {c['rows_passed']} | {c['rows_quarantined']} |" for f, c in s["by_file"].items()]
+             f"{s['rows_quarantined']} quarantined.", "", "| file | passed | quarantined | verdict |", "|---|---:|---:|---|"]
+    lines += [f"| {f} | {c['rows_passed']} | {c['rows_quarantined']} | {c['verdict']} |" for f, c in s["by_file"].items()]
     if s["by_rule"]:
         lines += ["", "| rule | rows |", "|---|---:|"] + [f"| {r} | {n} |" for r, n in s["by_rule"].items()]
     if s["normalised"]:

@@ -92,7 +92,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
          "<h2>Data contract</h2>",
          f"<p>verdict <b>{check['verdict']}</b> · rows in {check['rows_in']} · passed {check['rows_passed']} · quarantined {check['rows_quarantined']}</p>"]
     files = pl.DataFrame([{"file": f, **c} for f, c in check.get("by_file", {}).items()],
-                         schema={"file": pl.String, "rows_passed": pl.Int64, "rows_quarantined": pl.Int64})
+                         schema={"file": pl.String, "rows_passed": pl.Int64, "rows_quarantined": pl.Int64, "verdict": pl.String})
     if files.height:
         h.append(_table(files, files.columns))
     if check.get("by_rule"):
