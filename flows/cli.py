@@ -282,39 +282,51 @@ def sample(
     config: ConfigOpt = None,
     n: Annotated[int | None, typer.Option("--n", help="Number of turns.")] = None,
     seed: SeedOpt = None,
-    strata: Annotated[str | None, typer.Option(help="Comma-separated stratum columns.")] = None,
+    strata: Annotated[str | None, typer.Option(help="Comma-separated stratum columns (surface, task_type, language, uses_tools, prefix_bucket, model, ...).")] = None,
+    allocation: Annotated[str | None, typer.Option(help="proportional | equal | neyman (neyman needs sample.prior).")] = None,
+    turns: Annotated[str | None, typer.Option(help="all | last | random turns per conversation.")] = None,
+    dedupe: Annotated[bool | None, typer.Option("--dedupe/--no-dedupe", help="Collapse near-duplicate prefixes.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Draw the stratified sample of turns (with weights) as a stage of its own."""
+    """Draw the stratified sample of turns (with weights) as a stage of its own.
+
+    The output Parquet has one row per sampled turn with its stratum, inclusion probability and
+    `weight` (1 / inclusion probability). Rows failing the data contract are left out, as in the flow.
+    """
     from tasks.check import check_conversations, load_contract
     from tasks.load import InputError, load_raw
-    from tasks.sample import SampleError, build_turns, sample_turns
+    from tasks.sample import SampleError
+    from tasks.stages import draw_sample
 
     over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "sample": {}}
     if data:
         over["run"]["data"] = data
-    if n is not None:
-        over["sample"]["n"] = n
-    if strata:
+    for key, value in (("n", n), ("allocation", allocation), ("turns", turns), ("dedupe", dedupe)):
+        if value is not None:
+            over["sample"][key] = value
+    if strata is not None:
         over["sample"]["strata"] = [c.strip() for c in strata.split(",") if c.strip()]
     s = _settings(config, over, as_json)
     try:
         raw = load_raw(s.run.data)
         valid = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share, s.contract.fail_bad_share).valid
-        turns = build_turns(valid)
-        smp, table = sample_turns(turns, s.sample.n, s.sample.strata, s.run.seed, s.sample.allocation,
-                                  s.sample.turns, s.sample.turns_per_conversation)
+        smp, table, population, rep = draw_sample(valid, s)
     except (InputError, SampleError) as exc:
         _fail(str(exc), as_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     smp.write_parquet(out)
-    result = {"population_turns": turns.height, "sampled_turns": smp.height,
+    result = {"population_turns": population, "sampled_turns": smp.height,
               "weight_sum": float(smp["weight"].sum()), "out": str(out),
-              "strata": {r["stratum"]: {"population": r["population"], "sampled": r["sampled"]} for r in table.iter_rows(named=True)}}
+              "strata": {r["stratum"]: {"population": r["population"], "sampled": r["sampled"]} for r in table.iter_rows(named=True)},
+              "psi": rep["psi"], "chi_square": rep["chi_square"], "chi_square_p": rep["chi_square_p"],
+              "empty_strata": rep["empty_strata"]}
     if as_json:
         print(json.dumps(result))
     else:
-        typer.echo(f"sampled {smp.height} of {turns.height} turns in {table.height} strata -> {out}")
+        typer.echo(f"sampled {smp.height} of {population} turns in {table.height} strata -> {out}")
+        typer.echo(f"stratum mix vs population: PSI {rep['psi']:.4f}, chi-square {rep['chi_square']:.2f} (p {rep['chi_square_p']:.3f})")
+        if rep["empty_strata"]:
+            typer.secho(f"strata with no sampled turn: {', '.join(rep['empty_strata'])}", fg="yellow", err=True)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
     raw, data_hash = load_task(s, store)
     checked = check_task(raw, s, store)
     create_markdown_artifact(summary_markdown(checked), key="depsim-contract", description="contract check")
-    sample, strata, population = sample_task(checked.valid, s, store)
+    sample, strata, population, represent = sample_task(checked.valid, s, store)
     candidate, model_calls = replay_task(sample, checked.valid, s, store)
     scores = judge_task(candidate, sample, checked.valid, s, store)
     estimates, gated, verdict = estimate_task(scores, sample, s, store)
@@ -61,6 +61,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "synthetic": s.models.candidate.synthetic, "data": s.run.data or "bundled SYNTHETIC logs",
         "dataset_hash": data_hash, "seed": s.run.seed, "verdict": verdict, "gated": gated, "estimates": estimates,
         "check": checked.summary(), "checks": checked.checks, "quarantine": checked.quarantine, "strata": strata,
+        "representativeness": represent,
         "sampled_turns": sample.height, "population_turns": population, "weight_sum": float(sample["weight"].sum()),
         "finish_counts": finish, "error_counts": errors, "source_counts": sources, "model_calls": model_calls,
         "prompt_tokens": int(candidate["prompt_tokens"].sum()), "completion_tokens": int(candidate["completion_tokens"].sum()),
@@ -85,5 +86,6 @@ def deployment_simulation(config: dict[str, Any] | None = None,
                         for r in checked.quarantine.head(100).iter_rows(named=True)],
         "model_calls": model_calls, "cache_hits": 0,
         "sampled_turns": sample.height, "population_turns": population,
+        "sample": {k: represent[k] for k in ("psi", "chi_square", "chi_square_p", "empty_strata")},
         "synthetic": ctx["synthetic"], "elapsed_s": round(time.perf_counter() - t0, 2),
     }

@@ -8,6 +8,7 @@ Secrets are never stored here: an endpoint names the environment variable that h
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,10 @@ class Endpoint(BaseModel):
     max_retries: int = Field(3, ge=0, le=20)
     temperature: float = Field(0.0, ge=0, le=2)
     seed: int | None = None
+    # Retry policy (depsim retries itself; the SDK's own retries are off so each one is counted).
+    backoff_s: float = Field(0.5, gt=0)          # first back-off; doubles per retry, with jitter
+    backoff_max_s: float = Field(8.0, gt=0)      # cap of one back-off
+    retry_after_max_s: float = Field(120.0, ge=0)  # a longer Retry-After fails the call instead
 
     @property
     def synthetic(self) -> bool:
@@ -87,9 +92,21 @@ class SampleCfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int = Field(1000, ge=1)
     strata: list[str] = ["surface", "task_type", "uses_tools"]
-    allocation: Literal["proportional", "equal"] = "proportional"
+    allocation: Literal["proportional", "equal", "neyman"] = "proportional"
+    # Neyman priors: "labels" (per-stratum share of conversations labelled unsafe_any) or a
+    # stratum_rates.parquet written by an earlier run.
+    prior: str | None = None
+    oversample: dict[str, float] = {}
     turns: Literal["all", "last", "random"] = "all"
     turns_per_conversation: int = Field(1, ge=1)
+    dedupe: bool = False
+    surfaces: list[str] = []
+    task_types: list[str] = []
+    languages: list[str] = []
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    min_prefix_len: int | None = Field(None, ge=1)
+    max_prefix_len: int | None = Field(None, ge=1)
 
 
 class ReplayCfg(BaseModel):
@@ -98,6 +115,11 @@ class ReplayCfg(BaseModel):
     max_tokens: int = Field(1024, ge=16)
     chunk_size: int = Field(250, ge=1)
     simulator_chain: list[Literal["recorded", "rules"]] = ["recorded", "rules"]
+    # Per-turn budgets (None = unlimited); a turn that reaches one finishes as "budget".
+    token_budget: int | None = Field(None, ge=1)     # prompt + completion tokens over the turn
+    time_budget_s: float | None = Field(None, gt=0)  # wall clock, excluding waits for a free slot
+    # Content-addressed cache of model calls (a folder); None = no cache.
+    cache_dir: str | None = None
 
 
 class JudgeCfg(BaseModel):

@@ -1,8 +1,19 @@
 """Replay: hold each sampled prefix fixed and let the candidate regenerate the turn.
 
-The candidate runs through tool calls until it answers without one or reaches the step limit.
-Every tool call is answered by the simulator (never executed). Every turn ends with a finish
-reason: answered | step_limit | refused | error (with its reason). Turns in == turns out.
+The candidate runs through tool calls until it answers without one or a limit stops it. Every
+tool call is answered by the simulator (never executed); a call with arguments that are not a
+JSON object, or to a tool the conversation does not declare, gets a tool error message and the
+turn goes on. Every turn ends with a finish reason, and with a reason in `error` unless it
+answered, refused or reached the step limit:
+
+    answered    the candidate answered without a tool call
+    step_limit  cfg.step_limit model calls without a final answer
+    budget      token_budget: ... | time_budget: ...  (cfg.token_budget, cfg.time_budget_s)
+    refused     the candidate refused (a `refusal`, or finish_reason content_filter)
+    error       <reason>: <detail>, reason one of http_<status>, timeout, connection,
+                malformed_response, max_tokens, internal
+
+Turns in == turns out, always: a fault in one turn never loses it or stops the others.
 """
 
 from __future__ import annotations
@@ -13,94 +24,207 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import openai
 import polars as pl
 
+from tasks.cache import ModelCache
 from tasks.config import Endpoint, ReplayCfg
-from tasks.models import ChatModel
+from tasks.models import BudgetExceeded, ChatModel, ChatResult, ModelCallError
 from tasks.records import TRAJECTORY_SCHEMA
-from tasks.toolsim import ToolSimulator
+from tasks.toolsim import ToolResult, ToolSimulator, classify_effects
+
+# One row per model call of a replay (stats["calls"] of replay_sample).
+CALL_SCHEMA = {
+    "turn_id": pl.String,
+    "step": pl.Int64,               # 0-based model call within the turn
+    "cached": pl.Boolean,           # answered from the cache (not a model call)
+    "retries": pl.Int64,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "latency_s": pl.Float64,        # admission to answer, retries and back-offs included
+    "finish_reason": pl.String,     # the endpoint's, or null when the call failed
+    "error": pl.String,             # reason: detail, when the call failed
+}
+
+
+def _declared(tools: list[dict[str, Any]]) -> set[str]:
+    return {t["function"]["name"] for t in tools
+            if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]}
+
+
+def _answer_call(sim: ToolSimulator, declared: set[str], name: str, arguments: str) -> ToolResult:
+    """The simulated result of one tool call; a call to an undeclared tool is a tool error."""
+    if name not in declared:
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            args = {"_raw": arguments}
+        known = ", ".join(sorted(declared)) or "none"
+        return ToolResult(f"Error: no tool named {name!r} exists here (available: {known})", "error",
+                          classify_effects(name, args if isinstance(args, dict) else {"_raw": args}), True)
+    return sim.simulate(name, arguments)
+
+
+def _call_row(turn_id: str | None, step: int, out: ChatResult | None, err: str | None = None,
+              retries: int = 0, latency_s: float = 0.0) -> dict[str, Any]:
+    if out is None:
+        return {"turn_id": turn_id, "step": step, "cached": False, "retries": retries, "prompt_tokens": 0,
+                "completion_tokens": 0, "latency_s": latency_s, "finish_reason": None, "error": err}
+    return {"turn_id": turn_id, "step": step, "cached": out.cached, "retries": out.retries,
+            "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "latency_s": out.latency_s, "finish_reason": out.finish_reason, "error": None}
 
 
 async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
-                     user_idx: int, cfg: ReplayCfg) -> dict[str, Any]:
-    """Regenerate the turn after messages[user_idx]; returns a trajectory record."""
+                     user_idx: int, cfg: ReplayCfg, *, turn_id: str | None = None,
+                     call_log: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Regenerate the turn after messages[user_idx].
+
+    Args:
+        model: the candidate.
+        messages: the whole recorded conversation (the prefix and the recording the tool
+            simulator is grounded in).
+        tools: the conversation's function-tool schemas.
+        user_idx: index of the user message that opens the turn; the prefix ends there.
+        cfg: step limit, token and time budgets, simulator chain.
+        turn_id: names the turn in call_log rows.
+        call_log: when given, one CALL_SCHEMA row per model call is appended to it.
+
+    Returns:
+        A trajectory record (the TRAJECTORY_SCHEMA fields after turn_id, conversation_id,
+        side and model). `model_calls` counts requests sent for this turn (cache hits excluded),
+        `steps` the model answers it used.
+    """
     prefix = messages[: user_idx + 1]
     sim = ToolSimulator(messages, cfg.simulator_chain)
+    declared = _declared(tools)
     new: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    rec = {"finish": "step_limit", "error": None, "steps": 0, "model_calls": 0,
-           "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
-    for _ in range(cfg.step_limit):
+    rec: dict[str, Any] = {"finish": "step_limit", "error": None, "steps": 0, "model_calls": 0,
+                           "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
+    log = call_log if call_log is not None else []
+    t_start, queued = time.perf_counter(), 0.0
+    for step in range(cfg.step_limit):
+        remaining = None
+        if cfg.time_budget_s is not None:
+            remaining = cfg.time_budget_s - (time.perf_counter() - t_start - queued)
+            if remaining <= 0:
+                rec.update(finish="budget", error=f"time_budget: {cfg.time_budget_s:g} s used after {step} steps")
+                break
         try:
-            out = await model.chat(prefix + new, tools, cfg.max_tokens)
-        except openai.APIStatusError as exc:
-            rec.update(finish="error", error=f"http_{exc.status_code}: {str(exc.message)[:200]}")
+            out = await model.chat(prefix + new, tools, cfg.max_tokens, deadline_s=remaining)
+        except BudgetExceeded as exc:
+            rec["model_calls"] += 1
+            rec.update(finish="budget", error=f"time_budget: {cfg.time_budget_s:g} s; {exc}")
+            log.append(_call_row(turn_id, step, None, "time_budget"))
             break
-        except openai.APITimeoutError:
-            rec.update(finish="error", error="timeout")
+        except ModelCallError as exc:
+            rec["model_calls"] += 1
+            rec["latency_s"] += exc.latency_s
+            rec.update(finish="error", error=f"{exc.reason}: {exc.detail}"[:300])
+            log.append(_call_row(turn_id, step, None, rec["error"], exc.retries, exc.latency_s))
             break
-        except openai.APIConnectionError as exc:
-            rec.update(finish="error", error=f"connection: {str(exc)[:200]}")
-            break
-        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
-            rec.update(finish="error", error=f"malformed_response: {str(exc)[:200]}")
-            break
+        queued += out.queued_s
+        log.append(_call_row(turn_id, step, out))
         rec["steps"] += 1
-        rec["model_calls"] += 1
+        rec["model_calls"] += 0 if out.cached else 1
         rec["prompt_tokens"] += out.prompt_tokens
         rec["completion_tokens"] += out.completion_tokens
         rec["latency_s"] += out.latency_s
         msg = out.message
         new.append(msg)
-        if msg.get("refusal"):
+        if out.finish_reason == "length":
+            # Cut mid-answer or mid-call: what it said is kept for the judges, not acted on.
+            rec.update(finish="error", error=f"max_tokens: response cut at max_tokens={cfg.max_tokens}")
+            break
+        if msg.get("refusal") or out.finish_reason == "content_filter":
             rec["finish"] = "refused"
             break
         calls = msg.get("tool_calls") or []
         if not calls:
-            rec["finish"] = "answered" if out.finish_reason != "length" else "error"
-            if out.finish_reason == "length":
-                rec["error"] = "max_tokens"
+            rec["finish"] = "answered"
             break
         for call in calls:
             fn = call["function"]
-            res = sim.simulate(fn["name"], fn.get("arguments") or "")
+            res = _answer_call(sim, declared, fn["name"], fn.get("arguments") or "")
             new.append({"role": "tool", "tool_call_id": call["id"], "name": fn["name"], "content": res.content})
             results.append({"call_id": call["id"], "name": fn["name"], "source": res.source,
                             "effects": res.effects, "error": res.is_error})
+        used = rec["prompt_tokens"] + rec["completion_tokens"]
+        if cfg.token_budget is not None and used >= cfg.token_budget:
+            rec.update(finish="budget", error=f"token_budget: {used} tokens used of {cfg.token_budget}")
+            break
     rec["messages"] = json.dumps(new, ensure_ascii=False)
     rec["tool_results"] = json.dumps(results)
     return rec
 
 
+def _internal_error(exc: BaseException, t0: float) -> dict[str, Any]:
+    return {"finish": "error", "error": f"internal: {type(exc).__name__}: {exc}"[:300], "steps": 0,
+            "model_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+            "latency_s": time.perf_counter() - t0, "messages": "[]", "tool_results": "[]"}
+
+
 async def replay_sample(sample: pl.DataFrame, conversations: pl.DataFrame, endpoint: Endpoint,
                         cfg: ReplayCfg, seed: int,
-                        progress: Callable[[int], None] | None = None) -> tuple[pl.DataFrame, int]:
-    """Replay every sampled turn through the candidate. Returns (trajectories, model calls)."""
-    model = ChatModel(endpoint, seed)
-    convs = {r["conversation_id"]: r for r in conversations.select("conversation_id", "messages", "tools").iter_rows(named=True)}
+                        progress: Callable[[int], None] | None = None, *,
+                        cache: ModelCache | None = None,
+                        stats: dict[str, Any] | None = None) -> tuple[pl.DataFrame, int]:
+    """Replay every sampled turn through the candidate.
+
+    Args:
+        sample: sampled turns (turn_id, conversation_id, user_msg_index).
+        conversations: conversation_id, messages and tools (JSON text) of every sampled turn.
+        endpoint: the candidate.
+        cfg: replay settings; `cfg.cache_dir` opens a cache when `cache` is None.
+        seed: the run seed (used when the endpoint sets none).
+        progress: called with 1 after each turn.
+        cache: the model-call cache; a hit is not a model call.
+        stats: when given, receives `model_calls`, `cache_hits`, `retries`, `turns` and `calls`
+            (one CALL_SCHEMA row per model call, a DataFrame).
+
+    Returns:
+        (trajectories, model calls): one trajectory per sampled turn, in sample order, and the
+        number of requests sent (cache hits and retries not included).
+    """
+    if cache is None and cfg.cache_dir:
+        cache = ModelCache(cfg.cache_dir)
+    model = ChatModel(endpoint, seed, cache=cache)
+    convs = {r["conversation_id"]: r for r in
+             conversations.select("conversation_id", "messages", "tools").iter_rows(named=True)}
+    rows = list(sample.select("turn_id", "conversation_id", "user_msg_index").iter_rows(named=True))
+    out: list[dict[str, Any] | None] = [None] * len(rows)
+    call_log: list[dict[str, Any]] = []
+    todo = iter(range(len(rows)))
 
     async def one(row: dict[str, Any]) -> dict[str, Any]:
-        conv = convs[row["conversation_id"]]
-        messages = json.loads(conv["messages"])
-        tools = json.loads(conv["tools"]) if conv["tools"] else []
         t0 = time.perf_counter()
         try:
-            rec = await replay_one(model, messages, tools, row["user_msg_index"], cfg)
-        except Exception as exc:  # an unexpected fault still yields a turn, with its reason
-            rec = {"finish": "error", "error": f"internal: {type(exc).__name__}: {exc}"[:300], "steps": 0,
-                   "model_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                   "latency_s": time.perf_counter() - t0, "messages": "[]", "tool_results": "[]"}
-        if progress:
-            progress(1)
+            conv = convs[row["conversation_id"]]
+            messages = json.loads(conv["messages"])
+            tools = json.loads(conv["tools"]) if conv["tools"] else []
+            rec = await replay_one(model, messages, tools, row["user_msg_index"], cfg,
+                                   turn_id=row["turn_id"], call_log=call_log)
+        except Exception as exc:  # an unexpected fault still yields the turn, with its reason
+            rec = _internal_error(exc, t0)
         return {"turn_id": row["turn_id"], "conversation_id": row["conversation_id"], "side": "candidate",
                 "model": endpoint.model, **rec}
 
+    async def worker() -> None:
+        # A bounded pool keeps memory flat on big chunks: each worker parses one turn at a time.
+        for i in todo:
+            out[i] = await one(rows[i])
+            if progress:
+                progress(1)
+
     try:
-        rows = await asyncio.gather(*(one(r) for r in sample.iter_rows(named=True)))
+        n_workers = min(len(rows), 2 * endpoint.concurrency + 8)
+        await asyncio.gather(*(worker() for _ in range(n_workers)))
     finally:
         await model.aclose()
-    return pl.DataFrame(rows, schema=TRAJECTORY_SCHEMA), model.calls
+    if stats is not None:
+        stats.update(model_calls=model.calls, cache_hits=model.cache_hits, retries=model.retries,
+                     turns=len(rows), calls=pl.DataFrame(call_log, schema=CALL_SCHEMA))
+    return pl.DataFrame(out, schema=TRAJECTORY_SCHEMA), model.calls
 
 
 def baseline_trajectories(sample: pl.DataFrame, conversations: pl.DataFrame) -> pl.DataFrame:

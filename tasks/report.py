@@ -108,9 +108,17 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
         h.append("<details><summary>All contract checks (Great Expectations and row rules)</summary>"
                  + _table(checks, ["check", "engine", "verdict", "unexpected"]) + "</details>")
         h.append("<p class='muted'>Great Expectations' own rendering: <code>gx_validation.html</code> beside this report (needs network for its styles).</p>")
+    rep = ctx.get("representativeness") or {}
+    rep_rows = pl.DataFrame(rep.get("strata") or [])
+    empty = rep.get("empty_strata") or []
+    share = dict.fromkeys(("population_share", "sample_share", "weighted_share"), _pct)
     h += ["<h2>Sample</h2>",
           f"<p>{ctx['sampled_turns']} of {ctx['population_turns']} turns sampled in {strata.height} strata; weights sum to {ctx['weight_sum']:.1f}.</p>",
-          _table(strata, strata.columns),
+          f"<p>Stratum mix, sample vs population: PSI {rep.get('psi', float('nan')):.4f} · chi-square {rep.get('chi_square', float('nan')):.2f} "
+          f"(dof {rep.get('chi_square_dof', '–')}, p {rep.get('chi_square_p', float('nan')):.3f}) · largest weighted share gap {100 * rep.get('weighted_max_abs_share_diff', 0):.2f} points.</p>",
+          ("<p class='FAIL'>Strata with no sampled turn: " + ", ".join(html.escape(e) for e in empty) + "</p>") if empty else "",
+          _table(rep_rows, ["stratum", "population", "sampled", "population_share", "sample_share", "weighted_share"], share)
+          if rep_rows.height else _table(strata, strata.columns),
           "<h2>Replay</h2>",
           "<p>Finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(finish.items())) + "</p>",
           "<p>Simulated tool results by source: " + (", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none") + ". Nothing was executed.</p>",

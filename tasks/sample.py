@@ -7,9 +7,12 @@ sampled turn carries its inclusion probability and weight (Horvitz–Thompson).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import warnings
+from datetime import datetime
 from typing import Any
 
 import polars as pl
@@ -34,12 +37,53 @@ def turns_of(messages: list[dict[str, Any]]) -> list[tuple[int, int, bool, bool]
     return out
 
 
+PREFIX_BUCKETS: tuple[tuple[int, str], ...] = ((2, "1-2"), (6, "3-6"), (20, "7-20"), (50, "21-50"))
+_DIGITS = re.compile(r"\d{4,}")
+
+
+def prefix_bucket(prefix_len: int) -> str:
+    for upper, label in PREFIX_BUCKETS:
+        if prefix_len <= upper:
+            return label
+    return "51+"
+
+
+def prefix_hash(messages: list[dict[str, Any]]) -> str:
+    """Normalised content hash of a prefix: case, whitespace and long digit runs (ids) ignored."""
+    h = hashlib.sha1()
+    for m in messages:
+        content = m.get("content")
+        text = content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+        calls = json.dumps(m.get("tool_calls") or [], sort_keys=True)
+        h.update(f"{m.get('role')}\x1f{text}\x1f{calls}\x1e".encode("utf-8", "replace"))
+    return h.hexdigest()[:16]
+
+
+def _normalised(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        content = m.get("content")
+        text = content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+        out.append({"role": m.get("role"), "content": _DIGITS.sub("#", " ".join(text.lower().split())),
+                    "tool_calls": [((c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments"))
+                                   for c in m.get("tool_calls") or [] if isinstance(c, dict)]})
+    return out
+
+
 def build_turns(conversations: pl.DataFrame) -> pl.DataFrame:
-    """Explode valid conversations into the turn population (TURN_SCHEMA + has_response)."""
+    """Explode valid conversations into the turn population.
+
+    Columns: TURN_SCHEMA plus has_response, created_at, prefix_bucket and prefix_hash (the
+    normalised content hash used to collapse near-duplicate prefixes).
+    """
     rows: list[dict[str, Any]] = []
-    for conv in conversations.select(
-        "conversation_id", "model", "surface", "task_type", "language", "messages"
-    ).iter_rows(named=True):
+    cols = ["conversation_id", "model", "surface", "task_type", "language", "messages"]
+    frame = conversations
+    if "created_at" not in frame.columns:
+        frame = frame.with_columns(created_at=pl.lit(None, dtype=pl.Datetime("us", "UTC")))
+    elif frame.schema["created_at"] == pl.String:
+        frame = frame.with_columns(pl.col("created_at").str.to_datetime(time_zone="UTC", strict=False))
+    for conv in frame.select([*cols, "created_at"]).iter_rows(named=True):
         messages = json.loads(conv["messages"])
         for k, (u, end, uses_tools, has_response) in enumerate(turns_of(messages)):
             rows.append({
@@ -47,28 +91,101 @@ def build_turns(conversations: pl.DataFrame) -> pl.DataFrame:
                 "turn_index": k, "user_msg_index": u, "end_msg_index": end, "prefix_len": u + 1,
                 "uses_tools": uses_tools, "model": conv["model"], "surface": conv["surface"],
                 "task_type": conv["task_type"], "language": conv["language"],
-                "has_response": has_response,
+                "has_response": has_response, "created_at": conv.get("created_at"),
+                "prefix_bucket": prefix_bucket(u + 1),
+                "prefix_hash": prefix_hash(_normalised(messages[: u + 1])),
             })
-    return pl.DataFrame(rows, schema={**TURN_SCHEMA, "has_response": pl.Boolean})
+    return pl.DataFrame(rows, schema={**TURN_SCHEMA, "has_response": pl.Boolean,
+                                      "created_at": pl.Datetime("us", "UTC"), "prefix_bucket": pl.String,
+                                      "prefix_hash": pl.String})
 
 
-def _allocate(sizes: dict[str, int], n: int, allocation: str) -> dict[str, int]:
-    """Per-stratum sample sizes summing to min(n, N), capped at each stratum's size."""
+def filter_turns(turns: pl.DataFrame, models: list[str] | None = None, created_after: datetime | None = None,
+                 created_before: datetime | None = None, surfaces: list[str] | None = None,
+                 task_types: list[str] | None = None, languages: list[str] | None = None,
+                 min_prefix_len: int | None = None, max_prefix_len: int | None = None) -> pl.DataFrame:
+    """The population after filters; raises SampleError when nothing is left."""
+    conds: list[pl.Expr] = []
+    for col, values in (("model", models), ("surface", surfaces), ("task_type", task_types), ("language", languages)):
+        if values:
+            conds.append(pl.col(col).is_in(values))
+    if created_after is not None:
+        conds.append(pl.col("created_at") >= created_after)
+    if created_before is not None:
+        conds.append(pl.col("created_at") < created_before)
+    if min_prefix_len is not None:
+        conds.append(pl.col("prefix_len") >= min_prefix_len)
+    if max_prefix_len is not None:
+        conds.append(pl.col("prefix_len") <= max_prefix_len)
+    out = turns.filter(pl.all_horizontal(conds)) if conds else turns
+    if out.height == 0:
+        raise SampleError(f"the turn population is empty after filters ({turns.height} turns before filtering)")
+    return out
+
+
+def collapse_duplicates(turns: pl.DataFrame) -> pl.DataFrame:
+    """One turn per near-duplicate prefix (the smallest turn_id), with dup_count = group size."""
+    return (turns.sort("turn_id")
+            .with_columns(dup_count=pl.len().over("prefix_hash"))
+            .unique("prefix_hash", keep="first", maintain_order=True))
+
+
+def _shares(sizes: dict[str, int], allocation: str, priors: dict[str, float] | None,
+            oversample: dict[str, float] | None) -> dict[str, float]:
+    """Relative allocation weight of each stratum."""
+    if allocation == "proportional":
+        share = {h: float(N) for h, N in sizes.items()}
+    elif allocation == "equal":
+        share = {h: 1.0 for h in sizes}
+    elif allocation == "neyman":
+        if not priors:
+            raise SampleError("neyman allocation needs prior per-stratum rates (sample.prior)")
+        # Unknown or extreme priors are clipped so no stratum is starved (its rate may be wrong).
+        fallback = sum(priors.values()) / len(priors)
+        share = {}
+        for h, N in sizes.items():
+            p = min(max(priors.get(h, fallback), 0.005), 0.5)
+            share[h] = N * math.sqrt(p * (1 - p))
+    else:
+        raise SampleError(f"unknown allocation {allocation!r} (proportional, equal, neyman)")
+    for h, factor in (oversample or {}).items():
+        if h in share:
+            share[h] *= factor
+    return share
+
+
+def _allocate(sizes: dict[str, int], n: int, allocation: str, priors: dict[str, float] | None = None,
+              oversample: dict[str, float] | None = None) -> dict[str, int]:
+    """Per-stratum sample sizes summing to min(n, N), capped at each stratum's size.
+
+    Strata that would get more than they hold are taken whole and the rest is shared out again;
+    every stratum gets at least one turn when n allows, so the weights cover the population.
+    """
     total = sum(sizes.values())
     n = min(n, total)
-    if allocation == "proportional":
-        raw = {h: n * N / total for h, N in sizes.items()}
-    else:
-        raw = {h: n / len(sizes) for h in sizes}
-    alloc = {h: min(sizes[h], math.floor(v)) for h, v in raw.items()}
+    share = _shares(sizes, allocation, priors, oversample)
+    raw: dict[str, float] = {}
+    free = dict(share)
+    budget = float(n)
+    while free:
+        tot = sum(free.values()) or 1.0
+        over = {h for h in free if budget * free[h] / tot >= sizes[h]}
+        if not over:
+            raw.update({h: budget * free[h] / tot for h in free})
+            break
+        for h in over:
+            raw[h] = float(sizes[h])
+            budget -= sizes[h]
+            del free[h]
+    alloc = {h: min(sizes[h], math.floor(raw.get(h, 0.0))) for h in sizes}
     if n >= len(sizes):  # every stratum gets a turn, so weights cover the whole population
         for h in alloc:
             alloc[h] = max(alloc[h], 1)
         while sum(alloc.values()) > n:
-            big = max((h for h in alloc if alloc[h] > 1), key=lambda h: (alloc[h] - raw[h], alloc[h], h))
+            big = max((h for h in alloc if alloc[h] > 1), key=lambda h: (alloc[h] - raw.get(h, 0.0), alloc[h], h))
             alloc[big] -= 1
-    # Largest remainder, then hand leftovers to strata with room (equal allocation overflow).
-    order = sorted(sizes, key=lambda h: (-(raw[h] - math.floor(raw[h])), h))
+    # Largest remainder, then hand leftovers to strata with room.
+    order = sorted(sizes, key=lambda h: (-(raw.get(h, 0.0) - math.floor(raw.get(h, 0.0))), h))
     while sum(alloc.values()) < n:
         progressed = False
         for h in order:
@@ -82,13 +199,44 @@ def _allocate(sizes: dict[str, int], n: int, allocation: str) -> dict[str, int]:
     return alloc
 
 
+def _matching_strata(strata_cols: list[str], keys: list[str], rules: dict[str, float]) -> dict[str, float]:
+    """Oversampling factors per stratum key from rules such as {"task_type=devops": 3}."""
+    out: dict[str, float] = {}
+    for rule, factor in rules.items():
+        conds = [c.split("=", 1) for c in rule.split("&")]
+        bad = [c[0] for c in conds if len(c) != 2 or c[0].strip() not in strata_cols]
+        if bad:
+            raise SampleError(f"sample.oversample rule {rule!r}: {', '.join(bad)} is not a stratum column "
+                              f"(strata: {', '.join(strata_cols)})")
+        if factor <= 0:
+            raise SampleError(f"sample.oversample rule {rule!r}: factor must be > 0")
+        for key in keys:
+            values = dict(zip(strata_cols, key.split("|"), strict=False))
+            if all(values.get(c.strip()) == v.strip() for c, v in conds):
+                out[key] = out.get(key, 1.0) * factor
+    return out
+
+
 def sample_turns(turns: pl.DataFrame, n: int, strata: list[str], seed: int,
                  allocation: str = "proportional", turn_choice: str = "all",
-                 turns_per_conversation: int = 1) -> tuple[pl.DataFrame, pl.DataFrame]:
+                 turns_per_conversation: int = 1, priors: dict[str, float] | None = None,
+                 oversample: dict[str, float] | None = None,
+                 dedupe: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Stratified sample of n turns. Returns (sample with weights, per-stratum table).
 
+    Args:
+        turns: the population (build_turns, after filter_turns).
+        n: sample size (all turns when n exceeds the population).
+        strata: stratum columns; [] for a simple random sample.
+        seed: explicit integer seed; the same inputs and seed give the same sample in any row order.
+        allocation: proportional | equal | neyman (needs `priors`: stratum key → prior rate).
+        turn_choice: all turns, the last turn, or `turns_per_conversation` random turns per conversation.
+        oversample: {"column=value[&column=value]": factor} multiplies those strata's allocation.
+        dedupe: collapse near-duplicate prefixes (same normalised content hash) into one unit whose
+            weight carries the group size.
+
     Raises:
-        SampleError: unknown stratum column, empty population, bad seed.
+        SampleError: unknown stratum column, empty population, bad seed or allocation.
     """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise SampleError(f"seed must be an integer, got {seed!r}")
@@ -108,25 +256,72 @@ def sample_turns(turns: pl.DataFrame, n: int, strata: list[str], seed: int,
             _nt=pl.len().over("conversation_id"),
         ).filter(pl.col("_h").rank("ordinal").over("conversation_id") <= k)
         within_prob = pl.min_horizontal(pl.lit(float(k)), pl.col("_nt").cast(pl.Float64)) / pl.col("_nt")
+    elif turn_choice != "all":
+        raise SampleError(f"unknown turn choice {turn_choice!r} (all, last, random)")
+    frame = frame.with_columns(_within=within_prob)
+    if dedupe:
+        if "prefix_hash" not in frame.columns:
+            raise SampleError("dedupe needs the prefix_hash column (build_turns adds it)")
+        frame = collapse_duplicates(frame)
+    else:
+        frame = frame.with_columns(dup_count=pl.lit(1, dtype=pl.UInt32))
     key = pl.concat_str([pl.col(c).cast(pl.String).fill_null("∅") for c in strata], separator="|") if strata else pl.lit("all")
-    frame = frame.with_columns(stratum=key, _within=within_prob)
+    frame = frame.with_columns(stratum=key)
     sizes = dict(frame.group_by("stratum").len().iter_rows())
-    alloc = _allocate(sizes, n, allocation)
-    short = [h for h in sizes if allocation == "equal" and alloc[h] == sizes[h] and sizes[h] < n / len(sizes)]
-    if short:
+    factors = _matching_strata(strata, list(sizes), oversample) if oversample else None
+    alloc = _allocate(sizes, n, allocation, priors, factors)
+    short = [h for h in sizes if alloc[h] == sizes[h] and allocation != "proportional"]
+    if short and n < sum(sizes.values()):
         warnings.warn(f"{len(short)} stratum/strata smaller than their allocation; all their turns taken",
                       stacklevel=2)
+    turns_per = dict(frame.group_by("stratum").agg(pl.col("dup_count").sum()).iter_rows())
     alloc_df = pl.DataFrame({"stratum": list(alloc), "n_h": list(alloc.values()),
-                             "N_h": [sizes[h] for h in alloc]},
-                            schema={"stratum": pl.String, "n_h": pl.Int64, "N_h": pl.Int64})
+                             "N_h": [sizes[h] for h in alloc], "turns": [int(turns_per[h]) for h in alloc]},
+                            schema={"stratum": pl.String, "n_h": pl.Int64, "N_h": pl.Int64, "turns": pl.Int64})
     sample = (
-        frame.join(alloc_df, on="stratum")
+        frame.join(alloc_df.select("stratum", "n_h", "N_h"), on="stratum")
         .with_columns(_r=pl.col("turn_id").hash(seed).rank("ordinal").over("stratum"))
         .filter(pl.col("_r") <= pl.col("n_h"))
         .with_columns(inclusion_prob=(pl.col("n_h") / pl.col("N_h")) * pl.col("_within"))
-        .with_columns(weight=1.0 / pl.col("inclusion_prob"))
+        .with_columns(weight=pl.col("dup_count").cast(pl.Float64) / pl.col("inclusion_prob"))
         .drop([c for c in ("_r", "_h", "_nt", "_within", "n_h", "N_h") if c in frame.columns or c in ("_r", "n_h", "N_h", "_within")])
         .sort("turn_id")
     )
-    table = alloc_df.rename({"N_h": "population", "n_h": "sampled"}).sort("stratum")
+    table = (alloc_df.rename({"N_h": "population_units", "n_h": "sampled"})
+             .with_columns(population=pl.col("turns"))
+             .select("stratum", "sampled", "population", *(["population_units"] if dedupe else []))
+             .sort("stratum"))
     return sample, table
+
+
+def representativeness(table: pl.DataFrame, sample: pl.DataFrame) -> dict[str, Any]:
+    """Stratum mix of the sample against the population: shares, PSI, chi-square, empty strata.
+
+    The unweighted mix differs from the population by design under equal/Neyman allocation or
+    oversampling; the weighted mix should match it (weights undo the design).
+    """
+    weighted = dict(sample.group_by("stratum").agg(pl.col("weight").sum()).iter_rows())
+    pop_total = float(table["population"].sum())
+    n = float(table["sampled"].sum())
+    w_total = float(sum(weighted.values())) or 1.0
+    rows, psi, chi2 = [], 0.0, 0.0
+    for r in table.iter_rows(named=True):
+        p = r["population"] / pop_total
+        q = r["sampled"] / n if n else 0.0
+        wq = weighted.get(r["stratum"], 0.0) / w_total
+        eps = 1e-6
+        psi += (max(q, eps) - max(p, eps)) * math.log(max(q, eps) / max(p, eps))
+        expected = n * p
+        if expected > 0:
+            chi2 += (r["sampled"] - expected) ** 2 / expected
+        rows.append({**r, "population_share": p, "sample_share": q, "weighted_share": wq})
+    dof = max(len(rows) - 1, 1)
+    try:
+        from scipy.stats import chi2 as chi2_dist
+
+        p_value = float(chi2_dist.sf(chi2, dof))
+    except ImportError:  # scipy is optional here
+        p_value = float("nan")
+    return {"strata": rows, "psi": psi, "chi_square": chi2, "chi_square_dof": dof, "chi_square_p": p_value,
+            "empty_strata": [r["stratum"] for r in rows if r["sampled"] == 0],
+            "weighted_max_abs_share_diff": max((abs(r["weighted_share"] - r["population_share"]) for r in rows), default=0.0)}

@@ -21,7 +21,7 @@ from tasks.judge import judge_trajectories
 from tasks.load import dataset_hash, load_raw
 from tasks.progress import report
 from tasks.replay import baseline_trajectories, replay_sample
-from tasks.sample import build_turns, sample_turns
+from tasks.sample import SampleError, build_turns, filter_turns, representativeness, sample_turns
 from tasks.store import RunStore
 from tasks.taxonomy import load_taxonomy
 
@@ -59,17 +59,44 @@ def stage_check(raw: pl.DataFrame, s: Settings, store: RunStore) -> CheckResult:
     return result
 
 
-def stage_sample(valid: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    conversations = valid
-    if s.run.production_models:
-        conversations = valid.filter(pl.col("model").is_in(s.run.production_models))
-    turns = build_turns(conversations)
-    sample, strata = sample_turns(turns, s.sample.n, s.sample.strata, s.run.seed, s.sample.allocation,
-                                  s.sample.turns, s.sample.turns_per_conversation)
+def stage_sample(valid: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any]]:
+    """Population of turns after filters → stratified sample, strata table, representativeness."""
+    sample, strata, population, rep = draw_sample(valid, s)
     store.write("sample", sample)
-    store.write("strata", strata)
+    store.write("strata", pl.DataFrame(rep["strata"]))
+    store.write_json("representativeness.json", {k: v for k, v in rep.items() if k != "strata"})
     report("sample", sample.height, sample.height)
-    return sample, strata, turns.height
+    return sample, strata, population, rep
+
+
+def draw_sample(valid: pl.DataFrame, s: Settings) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any]]:
+    """The sampling stage without I/O (also used by `depsim sample`)."""
+    c = s.sample
+    turns = filter_turns(build_turns(valid), s.run.production_models, c.created_after, c.created_before,
+                         c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)
+    priors = load_priors(c.prior, turns, valid, c.strata) if c.allocation == "neyman" else None
+    sample, strata = sample_turns(turns, c.n, c.strata, s.run.seed, c.allocation, c.turns,
+                                  c.turns_per_conversation, priors, c.oversample or None, c.dedupe)
+    return sample, strata, turns.height, representativeness(strata, sample)
+
+
+def load_priors(prior: str | None, turns: pl.DataFrame, valid: pl.DataFrame, strata: list[str]) -> dict[str, float]:
+    """Prior per-stratum rates for Neyman allocation: from labels or an earlier run's table."""
+    if prior is None:
+        raise SampleError("sample.allocation neyman needs sample.prior: \"labels\" or a stratum_rates.parquet path")
+    if prior == "labels":
+        labelled = valid.select("conversation_id", pl.col("labels").str.json_path_match("$.unsafe_any").alias("y"))
+        t = turns.join(labelled, on="conversation_id").filter(pl.col("y").is_not_null())
+        if t.height == 0:
+            raise SampleError("sample.prior labels: no conversation has an unsafe_any label")
+        key = pl.concat_str([pl.col(c).cast(pl.String).fill_null("∅") for c in strata], separator="|") if strata else pl.lit("all")
+        t = t.with_columns(stratum=key, y=(pl.col("y") == "true").cast(pl.Float64))
+        return dict(t.group_by("stratum").agg(pl.col("y").mean()).iter_rows())
+    try:
+        table = pl.read_parquet(prior)
+        return dict(table.select("stratum", "rate").iter_rows())
+    except Exception as exc:
+        raise SampleError(f"sample.prior {prior}: cannot read a (stratum, rate) Parquet table: {exc}") from exc
 
 
 def stage_replay(sample: pl.DataFrame, valid: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, int]:
@@ -113,6 +140,11 @@ def stage_estimate(scores: pl.DataFrame, sample: pl.DataFrame, s: Settings, stor
     gated = gate(est, deltas, gates)
     store.write("estimates", est)
     store.write("gate", gated)
+    # Per-stratum candidate rate of unsafe_any: the Neyman prior for a later run (sample.prior).
+    rates = (scores.filter((pl.col("side") == "candidate") & (pl.col("category") == "unsafe_any"))
+             .join(sample.select("turn_id", "stratum"), on="turn_id")
+             .group_by("stratum").agg(rate=pl.col("verdict").cast(pl.Float64).mean(), n=pl.len()).sort("stratum"))
+    store.write("stratum_rates", rates)
     return est, gated, overall(gated)
 
 
@@ -154,6 +186,9 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                     **{f"contract.quarantined.{k}": v for k, v in check["by_rule"].items()},
                     **{f"contract.normalised.{k}": v for k, v in check["normalised"].items()},
                     "sample.turns": ctx["sampled_turns"], "population.turns": ctx["population_turns"],
+                    "sample.psi": ctx["representativeness"]["psi"],
+                    "sample.chi_square": ctx["representativeness"]["chi_square"],
+                    "sample.empty_strata": len(ctx["representativeness"]["empty_strata"]),
                     "replay.model_calls": ctx["model_calls"],
                     "replay.errors": sum(v for k, v in ctx["finish_counts"].items() if k != "answered"),
                     **{f"replay.finish.{k}": v for k, v in ctx["finish_counts"].items()},

@@ -63,7 +63,9 @@ def test_build_turns_population() -> None:
          "messages": [{"role": "system", "content": "s"}, u()]},
     ])
     turns = build_turns(convs)
-    assert turns.schema == pl.Schema({**TURN_SCHEMA, "has_response": pl.Boolean})
+    assert turns.schema == pl.Schema({**TURN_SCHEMA, "has_response": pl.Boolean,
+                                      "created_at": pl.Datetime("us", "UTC"), "prefix_bucket": pl.String,
+                                      "prefix_hash": pl.String})
     assert turns["turn_id"].to_list() == ["c1#0", "c1#1", "c2#0"]
     assert turns.select("user_msg_index", "end_msg_index", "prefix_len").rows() == [(0, 4, 1), (4, 6, 5), (1, 2, 2)]
     assert turns["uses_tools"].to_list() == [True, False, False]
