@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def test_intervals_cover_the_true_rate(tmp_path: Path) -> None:
                 sums[cat] += p
         truth[side] = {c: v / len(turn_facts) for c, v in sums.items()}
 
-    with ProcessPoolExecutor(max_workers=2) as pool:
+    # spawn, not fork: earlier tests leave threads (GX, Prefect) whose locks a fork would copy held.
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_one_seed, [(str(path), s) for s in range(SEEDS)]))
 
     covered = {"candidate": 0, "baseline": 0}
