@@ -251,10 +251,17 @@ def synth_logs(
 
 
 @app.command()
-def check(data: DataOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def check(
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    quarantine: Annotated[Path | None, typer.Option(help="Write the quarantined rows (file, line, rule, reason, record) to this Parquet file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Check conversation logs against the data contract; quarantine and explain bad rows.
 
-    Exit status 0 when the verdict is passed or warning, 4 when failed or error.
+    Real-world variants (object arguments, missing ids, missing tool schemas, agent/human roles,
+    terminal escape codes in tool output) are normalised first and counted. Exit status 0 when
+    the verdict is passed or warning, 4 when failed or error.
     """
     from tasks.check import check_conversations, load_contract
     from tasks.load import InputError, load_raw
@@ -266,6 +273,10 @@ def check(data: DataOpt = None, config: ConfigOpt = None, as_json: JsonOpt = Fal
         _fail(str(exc), as_json)
     result = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share, s.contract.fail_bad_share)
     summary = result.summary()
+    if quarantine is not None:
+        quarantine.parent.mkdir(parents=True, exist_ok=True)
+        result.quarantine.write_parquet(quarantine)
+        summary["quarantine"] = str(quarantine)
     if as_json:
         print(json.dumps(summary))
     else:
