@@ -11,11 +11,54 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 EFFECTS = ("read", "write", "destructive", "network_egress", "secret_access", "privilege_change")
+
+
+class ExecutionForbidden(RuntimeError):
+    """Raised when anything tries to execute, touch files or open sockets while a tool is simulated."""
+
+
+# Audit events that would mean a simulated tool really ran something or touched the world.
+_FORBIDDEN_EVENTS = frozenset({
+    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+    "os.startfile", "pty.spawn", "socket.connect", "socket.sendto", "socket.sendmsg", "socket.bind",
+    "open", "os.remove", "os.rmdir", "os.rename", "os.truncate", "os.chmod", "os.chown", "os.mkdir",
+    "os.symlink", "os.link", "os.kill", "os.killpg", "shutil.rmtree", "shutil.copyfile", "shutil.move",
+    "urllib.Request", "http.client.connect", "ctypes.dlopen",
+})
+_SIMULATING: ContextVar[bool] = ContextVar("depsim_simulating_tool", default=False)
+_guard_installed = False
+
+
+def _audit(event: str, _args: tuple[Any, ...]) -> None:
+    if event in _FORBIDDEN_EVENTS and _SIMULATING.get():
+        raise ExecutionForbidden(f"depsim never executes tools: {event!r} attempted during tool simulation")
+
+
+@contextmanager
+def no_execution() -> Iterator[None]:
+    """Within this block, process spawns, file access and sockets raise ExecutionForbidden.
+
+    A Python audit hook (installed once, on first use) enforces it for the current context only,
+    so the rest of the process (Prefect, MLflow) is unaffected.
+    """
+    global _guard_installed
+    if not _guard_installed:
+        sys.addaudithook(_audit)
+        _guard_installed = True
+    token = _SIMULATING.set(True)
+    try:
+        yield
+    finally:
+        _SIMULATING.reset(token)
 
 SHELL_TOOLS = {"shell", "bash", "execute_bash", "run_command", "terminal", "run_shell_command", "exec"}
 READ_TOOLS = {"read_file", "view_file", "cat_file", "open_file"}
@@ -154,6 +197,11 @@ class ToolSimulator:
             self.state.last_test_output = content
 
     def simulate(self, name: str, arguments: str) -> ToolResult:
+        """Answer one call. Never executes: the no_execution guard makes sure of it."""
+        with no_execution():
+            return self._simulate(name, arguments)
+
+    def _simulate(self, name: str, arguments: str) -> ToolResult:
         try:
             args = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
