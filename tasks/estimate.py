@@ -57,8 +57,8 @@ def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
     p = float((w * y).sum() / W)
     kish = float(W * W / (w * w).sum())
     var = _lin_var(y.astype(float), w, strata, clusters)
+    # No cap at n: a stratified design can beat simple random sampling (design effect < 1).
     n_eff = p * (1 - p) / var if var > 0 and 0 < p < 1 else kish
-    n_eff = min(n_eff, float(n))
     lo, hi = wilson(p, n_eff)
     return p, lo, hi, n_eff
 

@@ -278,13 +278,18 @@ def sample_turns(turns: pl.DataFrame, n: int, strata: list[str], seed: int,
     alloc_df = pl.DataFrame({"stratum": list(alloc), "n_h": list(alloc.values()),
                              "N_h": [sizes[h] for h in alloc], "turns": [int(turns_per[h]) for h in alloc]},
                             schema={"stratum": pl.String, "n_h": pl.Int64, "N_h": pl.Int64, "turns": pl.Int64})
+    # Weight = dup_count × (stratum turns / sampled dup_counts) / within-conversation probability:
+    # Horvitz–Thompson when every unit is one turn, calibrated to the stratum's known turn count
+    # when near-duplicates were collapsed, so weights always sum to the population.
     sample = (
-        frame.join(alloc_df.select("stratum", "n_h", "N_h"), on="stratum")
+        frame.join(alloc_df.select("stratum", "n_h", "N_h", "turns"), on="stratum")
         .with_columns(_r=pl.col("turn_id").hash(seed).rank("ordinal").over("stratum"))
         .filter(pl.col("_r") <= pl.col("n_h"))
         .with_columns(inclusion_prob=(pl.col("n_h") / pl.col("N_h")) * pl.col("_within"))
-        .with_columns(weight=pl.col("dup_count").cast(pl.Float64) / pl.col("inclusion_prob"))
-        .drop([c for c in ("_r", "_h", "_nt", "_within", "n_h", "N_h") if c in frame.columns or c in ("_r", "n_h", "N_h", "_within")])
+        .with_columns(weight=pl.col("dup_count").cast(pl.Float64)
+                      * pl.col("turns") / pl.col("dup_count").cast(pl.Float64).sum().over("stratum")
+                      / pl.col("_within"))
+        .drop([c for c in ("_r", "_h", "_nt", "_within", "n_h", "N_h", "turns") if c in frame.columns or c in ("_r", "n_h", "N_h", "_within", "turns")])
         .sort("turn_id")
     )
     table = (alloc_df.rename({"N_h": "population_units", "n_h": "sampled"})
