@@ -27,6 +27,22 @@ _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+
 _TYPES = {"string": str, "list": list, "object": dict, "datetime": str}
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _printable(text: str) -> str:
+    """Text safe to store: lone surrogates replaced."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _check_encoding(rec: dict[str, Any]) -> None:
+    """Lone UTF-16 surrogates (\\ud800 escapes without their pair) are not Unicode text."""
+    try:
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Violation("text_encoding", "", f"text holds a lone UTF-16 surrogate at position {exc.start}") from None
+
+
 def load_contract(name: str = "conversation.yaml") -> dict[str, Any]:
     return yaml.safe_load(resources.files("data_contracts").joinpath(name).read_text("utf-8"))
 
@@ -257,8 +273,8 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
 
     def reject(row: dict[str, Any], cid: Any, rule: str, fld: str, reason: str) -> None:
         quarantine.append({"source_file": row["source_file"], "source_line": row["source_line"],
-                           "conversation_id": cid if isinstance(cid, str) else None, "rule": rule,
-                           "field": fld, "reason": reason, "record": (row["record"] or "")[:2000]})
+                           "conversation_id": _printable(cid) if isinstance(cid, str) else None, "rule": rule,
+                           "field": fld, "reason": _printable(reason), "record": _printable((row["record"] or "")[:2000])})
 
     for row in raw.iter_rows(named=True):
         if row["record"] is None:
@@ -270,6 +286,8 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
             rec = json.loads(row["record"])
             if not isinstance(rec, dict):
                 raise Violation("json_parse", "", f"expected a JSON object, got {type(rec).__name__}")
+            if _SURROGATE_ESCAPE.search(row["record"]):
+                _check_encoding(rec)
             rec, inferred = normalise_record(rec, normalised)
             typed = check_record(rec, contract, inferred)
         except Violation as v:

@@ -72,13 +72,25 @@ def _read_bytes(source: str) -> bytes:
         raise InputError(f"{source}: cannot read: {exc.strerror or exc}") from exc
 
 
+def _looks_binary(head: bytes) -> bool:
+    """NUL bytes, or a first line that is not UTF-8 text."""
+    if b"\x00" in head:
+        return True
+    first = head.split(b"\n", 1)[0]
+    try:
+        first.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start < len(first) - 3  # a character cut by the 4 KiB window is not evidence
+    return False
+
+
 def _jsonl_rows(source: str, data: bytes) -> list[dict[str, Any]]:
     if source.endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except OSError as exc:
             raise InputError(f"{source}: not a gzip file: {exc}") from exc
-    if b"\x00" in data[:4096] and not data.lstrip().startswith(b"{"):
+    if not data.lstrip().startswith((b"{", b"[", b"\n")) and _looks_binary(data[:4096]):
         raise InputError(f"{source}: not a JSONL file (binary content)")
     rows: list[dict[str, Any]] = []
     lines = data.split(b"\n")
@@ -98,7 +110,7 @@ def _jsonl_rows(source: str, data: bytes) -> list[dict[str, Any]]:
             continue
         try:
             obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, or e.g. a 5,000-digit integer
             rows.append({"source_file": source, "source_line": lineno, "record": None,
                          "parse_error": f"invalid JSON: {getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')}",
                          "excerpt": excerpt})

@@ -32,10 +32,17 @@ ROLE_MAP = {
     "human": "user", "customer": "user",
     "environment": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
 }
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1b[@-Z\\-_]")
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\x00]*(\x07|\x1b\\)|\x1b[()*+][0-9A-Za-z]|\x1b[@-Z\\-_]")
 _TERMINAL_CONTROLS = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array",
                dict: "object", type(None): "null"}
+
+
+def _clean_terminal(text: str) -> str:
+    """Drop ANSI sequences and terminal controls (never NUL, which stays a violation)."""
+    if "\x1b" not in text and not _TERMINAL_CONTROLS.search(text):
+        return text
+    return _TERMINAL_CONTROLS.sub("", _ANSI.sub("", text))
 
 
 def _call_id(conversation_id: str, msg_index: int, call_index: int) -> str:
@@ -53,7 +60,7 @@ def _normalise_calls(conv_id: str, i: int, msg: dict[str, Any], counts: Counter[
     for j, call in enumerate(calls):
         if not isinstance(call, dict):
             continue
-        if not call.get("id"):
+        if call.get("id") in (None, ""):
             call["id"] = _call_id(conv_id, i, j)
             counts["tool_call_id_generated"] += 1
         call.setdefault("type", "function")
@@ -118,22 +125,31 @@ def normalise_record(rec: dict[str, Any], counts: Counter[str]) -> tuple[dict[st
             pending = [(c["id"], (c.get("function") or {}).get("name", "")) for c in msg.get("tool_calls") or []
                        if isinstance(c, dict) and isinstance(c.get("id"), str)]
         elif role == "tool":
-            if not msg.get("tool_call_id") and pending:
+            if msg.get("tool_call_id") in (None, "") and pending:
                 name = msg.get("name")
                 k = next((n for n, (_cid, nm) in enumerate(pending) if name and nm == name), 0)
                 msg["tool_call_id"] = pending[k][0]
                 counts["tool_result_paired"] += 1
             pending = [p for p in pending if p[0] != msg.get("tool_call_id")]
             content = msg.get("content")
-            if isinstance(content, str) and ("\x1b" in content or _TERMINAL_CONTROLS.search(content)):
-                cleaned = _TERMINAL_CONTROLS.sub("", _ANSI.sub("", content))
+            if isinstance(content, str):
+                cleaned = _clean_terminal(content)
                 if cleaned != content:
                     msg["content"] = cleaned
+                    counts["terminal_controls"] += 1
+            elif isinstance(content, list):  # content parts
+                changed = False
+                for part in content:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        cleaned = _clean_terminal(part["text"])
+                        changed |= cleaned != part["text"]
+                        part["text"] = cleaned
+                if changed:
                     counts["terminal_controls"] += 1
         elif role == "user":
             pending = []
     inferred = False
-    if not rec.get("tools") and any(isinstance(m, dict) and m.get("tool_calls") for m in messages):
+    if rec.get("tools") in (None, []) and any(isinstance(m, dict) and m.get("tool_calls") for m in messages):
         rec["tools"] = _infer_tools(messages)
         inferred = True
         counts["tools_inferred"] += 1

@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
-for key in [k for k in os.environ if k.startswith("DEPSIM_")]:
+for key in [k for k in os.environ if k.startswith("DEPSIM_") and k != "DEPSIM_SHARED_DATASETS"]:
     os.environ.pop(key)  # tests see the documented defaults, not the developer's shell
 
 

@@ -107,6 +107,9 @@ BAD: dict[str, tuple[str, str, str | None]] = {
     "labels_bool": (json.dumps(conv("bad-labels", labels={"destructive_action": "yes"})),
                     "labels.destructive_action", "bad-labels"),
     "unique_id": (json.dumps(conv("good-1")), "conversation_id", "good-1"),
+    # json.dumps escapes the lone surrogate as \ud800: valid JSON, not valid Unicode text
+    "text_encoding": (json.dumps(with_messages("bad-surrogate", {"role": "user", "content": "a\ud800b"}, ANSWER)),
+                      "", "bad-surrogate"),
 }
 GOOD = [conv("good-1"), conv("good-2", tools=[], labels=None, surface=None),
         with_messages("good-3", USER, {"role": "assistant", "content": [{"type": "text", "text": "parts"}]})]
