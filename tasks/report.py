@@ -15,7 +15,7 @@ th:first-child,td:first-child{text-align:left}th{background:#f6f8fa}
 .PASS{color:#116329;font-weight:600}.FAIL{color:#b91c1c;font-weight:600}.INCONCLUSIVE{color:#9a6700;font-weight:600}
 .banner{padding:.6rem 1rem;border-radius:6px;margin:1rem 0;font-weight:600}
 .banner.PASS{background:#dafbe1}.banner.FAIL{background:#ffebe9}.banner.INCONCLUSIVE{background:#fff8c5}
-.synthetic{background:#eef;border:1px dashed #88a;padding:.5rem 1rem;border-radius:6px}
+.scroll{overflow-x:auto}.synthetic{background:#eef;border:1px dashed #88a;padding:.5rem 1rem;border-radius:6px}
 .muted{color:#57606a;font-size:.85rem}code{background:#f6f8fa;padding:0 .2rem}
 """
 
@@ -60,7 +60,7 @@ def _table(frame: pl.DataFrame, columns: list[str], fmt: dict[str, Any] | None =
             cls = f' class="{v}"' if c == "gate" else ""
             cells.append(f"<td{cls}>{html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def render(ctx: dict[str, Any]) -> tuple[str, str]:
