@@ -19,7 +19,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -64,8 +64,9 @@ def make_client(endpoint: Endpoint) -> AsyncOpenAI:
     if endpoint.synthetic:
         from tasks.synthetic.server import app
 
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://synthetic.local/v1")
-        return AsyncOpenAI(base_url="http://synthetic.local/v1", api_key=key, http_client=http,
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://synthetic.local/v1")
+        # The SDK is typed for its own httpx2 client but accepts a legacy httpx one (documented).
+        return AsyncOpenAI(base_url="http://synthetic.local/v1", api_key=key, http_client=cast(Any, http),
                            timeout=endpoint.timeout_s, max_retries=0)
     return AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0)
 
@@ -107,7 +108,7 @@ def parse_completion(data: Any) -> tuple[dict[str, Any], str, int, int]:
         if not isinstance(msg, dict):
             raise TypeError("message is not an object")
         out: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
-        calls = []
+        calls: list[dict[str, Any]] = []
         for c in msg.get("tool_calls") or []:
             fn = c.get("function")
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -226,10 +227,15 @@ class ChatModel:
             self.calls += 1
             state = {"retries": 0}
             try:
-                async with asyncio.timeout(deadline_s):
+                if deadline_s is None:
                     data, parsed = await self._send(body, state)
+                else:
+                    async with asyncio.timeout(deadline_s) as scope:
+                        data, parsed = await self._send(body, state)
             except TimeoutError as exc:
                 self.retries += state["retries"]
+                if deadline_s is None or not scope.expired():
+                    raise
                 raise BudgetExceeded(f"call cancelled after {time.perf_counter() - t0:.1f} s") from exc
             except ModelCallError as exc:
                 exc.latency_s = time.perf_counter() - t0
@@ -252,7 +258,7 @@ class ChatModel:
                 # (~20 ms per call on long agentic prefixes), and the raw response skips building
                 # a pydantic ChatCompletion we would only take apart again; auth, headers,
                 # timeouts and error mapping are still the SDK's.
-                resp = await self.client.post("/chat/completions", cast_to=httpx.Response, body=body)
+                resp = await self.client.post("/chat/completions", cast_to=httpx.Response, content=body)
                 try:
                     data = json.loads(resp.content)
                 except ValueError as exc:

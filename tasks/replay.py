@@ -95,7 +95,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
         `steps` the model answers it used.
     """
     prefix = messages[: user_idx + 1]
-    sim = ToolSimulator(messages, cfg.simulator_chain)
+    sim: ToolSimulator | None = None  # built on the first tool call: many turns make none
     declared = _declared(tools)
     new: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -143,6 +143,8 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
         if not calls:
             rec["finish"] = "answered"
             break
+        if sim is None:
+            sim = ToolSimulator(messages, list(cfg.simulator_chain))
         for call in calls:
             fn = call["function"]
             res = _answer_call(sim, declared, fn["name"], fn.get("arguments") or "")
