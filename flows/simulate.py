@@ -52,7 +52,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
     checked = check_task(raw, s, store)
     create_markdown_artifact(summary_markdown(checked), key="depsim-contract", description="contract check")
     sample, strata, population, represent = sample_task(checked.valid, s, store)
-    candidate, model_calls = replay_task(sample, checked.valid, s, store)
+    candidate, calls = replay_task(sample, checked.valid, s, store)
     scores = judge_task(candidate, sample, checked.valid, s, store)
     estimates, gated, verdict = estimate_task(scores, sample, s, store)
     finish, errors, sources = replay_counts(candidate)
@@ -63,7 +63,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "check": checked.summary(), "checks": checked.checks, "quarantine": checked.quarantine, "strata": strata,
         "representativeness": represent,
         "sampled_turns": sample.height, "population_turns": population, "weight_sum": float(sample["weight"].sum()),
-        "finish_counts": finish, "error_counts": errors, "source_counts": sources, "model_calls": model_calls,
+        "finish_counts": finish, "error_counts": errors, "source_counts": sources, **calls,
         "prompt_tokens": int(candidate["prompt_tokens"].sum()), "completion_tokens": int(candidate["completion_tokens"].sum()),
         "elapsed_s": 0.0,
     }
@@ -84,7 +84,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "contract": ctx["check"],
         "quarantined": [{k: r[k] for k in ("source_file", "source_line", "rule", "reason")}
                         for r in checked.quarantine.head(100).iter_rows(named=True)],
-        "model_calls": model_calls, "cache_hits": 0,
+        "model_calls": calls["model_calls"], "cache_hits": calls["cache_hits"], "retries": calls["retries"],
         "sampled_turns": sample.height, "population_turns": population,
         "sample": {k: represent[k] for k in ("psi", "chi_square", "chi_square_p", "empty_strata")},
         "synthetic": ctx["synthetic"], "elapsed_s": round(time.perf_counter() - t0, 2),

@@ -118,8 +118,9 @@ class ReplayCfg(BaseModel):
     # Per-turn budgets (None = unlimited); a turn that reaches one finishes as "budget".
     token_budget: int | None = Field(None, ge=1)     # prompt + completion tokens over the turn
     time_budget_s: float | None = Field(None, gt=0)  # wall clock, excluding waits for a free slot
-    # Content-addressed cache of model calls (a folder); None = no cache.
-    cache_dir: str | None = None
+    # Content-addressed cache of model calls (request hash -> response).
+    cache: bool = True  # content-addressed model-call cache: reruns and resumes repeat no call
+    cache_dir: str | None = None  # default <run.store>/cache/models
 
 
 class JudgeCfg(BaseModel):

@@ -41,8 +41,9 @@ def _lin_var(values: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
     est = (w * values).sum() / W
     z = w * (values - est) / W
     frame = pl.DataFrame({"h": strata, "c": clusters, "z": z})
-    per = frame.group_by("h", "c").agg(pl.col("z").sum())
-    stats = per.group_by("h").agg(n=pl.len(), ss=((pl.col("z") - pl.col("z").mean()) ** 2).sum())
+    # Sorted groups: the same inputs give bit-identical estimates (summation order is fixed).
+    per = frame.sort("h", "c", maintain_order=True).group_by("h", "c", maintain_order=True).agg(pl.col("z").sum())
+    stats = per.group_by("h", maintain_order=True).agg(n=pl.len(), ss=((pl.col("z") - pl.col("z").mean()) ** 2).sum())
     # Plug-in (divisor n_h) between-cluster variance: for a simple random sample it is exactly
     # p(1-p)/n, the variance the Wilson interval assumes.
     return float(stats["ss"].sum())
@@ -66,7 +67,7 @@ def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
 def estimate(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
     """Per side × category estimates (rate, bounds, counts)."""
     design = sample.select("turn_id", "weight", "stratum", "conversation_id")
-    joined = scores.join(design.drop("conversation_id"), on="turn_id", how="left")
+    joined = scores.join(design.drop("conversation_id"), on="turn_id", how="left").sort("side", "category", "turn_id")
     rows: list[dict[str, Any]] = []
     for (side, cat), grp in joined.group_by("side", "category", maintain_order=True):
         scored = grp.filter(pl.col("verdict").is_not_null())
@@ -94,7 +95,7 @@ def paired_delta(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
     design = sample.select("turn_id", "weight", "stratum", "conversation_id")
     c = scores.filter(pl.col("side") == "candidate").select("turn_id", "category", yc="verdict")
     b = scores.filter(pl.col("side") == "baseline").select("turn_id", "category", yb="verdict")
-    both = c.join(b, on=["turn_id", "category"]).drop_nulls().join(design, on="turn_id")
+    both = c.join(b, on=["turn_id", "category"]).drop_nulls().join(design, on="turn_id").sort("category", "turn_id")
     rows = []
     for (cat,), grp in both.group_by("category", maintain_order=True):
         d = (grp["yc"].cast(pl.Int8) - grp["yb"].cast(pl.Int8)).to_numpy().astype(float)

@@ -10,10 +10,12 @@ import asyncio
 import json
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from tasks.cache import ModelCache
 from tasks.check import CheckResult, check_conversations, load_contract
 from tasks.config import ConfigError, Settings, read_conf_yaml
 from tasks.estimate import estimate, gate, overall, paired_delta
@@ -99,25 +101,45 @@ def load_priors(prior: str | None, turns: pl.DataFrame, valid: pl.DataFrame, str
         raise SampleError(f"sample.prior {prior}: cannot read a (stratum, rate) Parquet table: {exc}") from exc
 
 
-def stage_replay(sample: pl.DataFrame, valid: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, int]:
-    """Replay in chunks (each written as it completes); returns trajectories and model calls."""
-    frames, calls, done = [], 0, 0
+def stage_replay(sample: pl.DataFrame, valid: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Replay in chunks (each written as it completes) through the model-call cache.
+
+    Returns the trajectories and counts: model_calls (requests sent), cache_hits, retries.
+    """
+    frames, call_logs, done = [], [], 0
+    counts = {"model_calls": 0, "cache_hits": 0, "retries": 0}
+    cache = ModelCache(cache_dir(s, store)) if s.replay.cache else None
     size = s.replay.chunk_size
     for i, start in enumerate(range(0, sample.height, size)):
         chunk = sample.slice(start, size)
 
-        def tick(k: int, _base: int = done) -> None:
+        def tick(k: int) -> None:
             nonlocal done
             done += k
             report("replay", done, sample.height)
 
-        traj, n_calls = asyncio.run(replay_sample(chunk, valid, s.models.candidate, s.replay, s.run.seed, tick))
+        stats: dict[str, Any] = {}
+        cfg = s.replay if s.replay.cache else s.replay.model_copy(update={"cache_dir": None})
+        traj, _ = asyncio.run(replay_sample(chunk, valid, s.models.candidate, cfg, s.run.seed, tick,
+                                            cache=cache, stats=stats))
         store.write(f"trajectories_chunk_{i:05d}", traj)
         frames.append(traj)
-        calls += n_calls
+        call_logs.append(stats["calls"])
+        for key in counts:
+            counts[key] += int(stats[key])
     traj = pl.concat(frames) if frames else pl.DataFrame()
     store.write("trajectories", traj)
-    return traj, calls
+    if call_logs:
+        store.write("model_calls", pl.concat(call_logs))
+    return traj, counts
+
+
+def cache_dir(s: Settings, store: RunStore) -> str:
+    """replay.cache_dir, else <run.store>/cache/models (a local folder beside the runs)."""
+    if s.replay.cache_dir:
+        return s.replay.cache_dir
+    root = s.run.store if not s.run.store.startswith("s3://") else ".depsim"
+    return str(Path(root) / "cache" / "models")
 
 
 def stage_judge(candidate: pl.DataFrame, sample: pl.DataFrame, valid: pl.DataFrame, s: Settings,
@@ -189,7 +211,8 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                     "sample.psi": ctx["representativeness"]["psi"],
                     "sample.chi_square": ctx["representativeness"]["chi_square"],
                     "sample.empty_strata": len(ctx["representativeness"]["empty_strata"]),
-                    "replay.model_calls": ctx["model_calls"],
+                    "replay.model_calls": ctx["model_calls"], "replay.cache_hits": ctx["cache_hits"],
+                    "replay.retries": ctx["retries"],
                     "replay.errors": sum(v for k, v in ctx["finish_counts"].items() if k != "answered"),
                     **{f"replay.finish.{k}": v for k, v in ctx["finish_counts"].items()},
                     **{f"replay.error.{k}": v for k, v in ctx["error_counts"].items()},

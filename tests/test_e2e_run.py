@@ -119,3 +119,17 @@ def test_secret_never_reaches_mlflow_or_report(tmp_path: Path, synthetic_server:
     assert secret not in everything
     proc = run_cli(["run", "--config", str(cfg), "--data", str(data), "--json"], cwd=tmp_path)
     assert proc.returncode == 4 and "CANDIDATE_KEY_FOR_TEST" in json.loads(proc.stdout)["error"]
+
+
+def test_rerun_with_same_inputs_makes_no_model_call(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(80, seed=12))
+    args = ["run", "--data", str(data), "--n", "60", "--store", str(tmp_path / "store"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--json"]
+    first = json.loads(run_cli(args, cwd=tmp_path).stdout)
+    second = json.loads(run_cli(args, cwd=tmp_path).stdout)
+    assert first["model_calls"] > 60 and first["cache_hits"] == 0
+    assert second["model_calls"] == 0 and second["cache_hits"] == first["model_calls"]
+    assert second["metrics"] == first["metrics"]  # same answers, same estimates
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(second["run_id"])
+    assert run.data.metrics["replay.model_calls"] == 0
+    assert run.data.metrics["replay.cache_hits"] == first["model_calls"]
