@@ -62,20 +62,21 @@ class RunStore:
     def write(self, name: str, frame: pl.DataFrame) -> str:
         path = self.local / f"{name}.parquet"
         frame.write_parquet(path)
-        if self.s3:
-            bucket, key = _split(f"{self.uri}/{name}.parquet")
-            _s3_client().put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-            return f"{self.uri}/{name}.parquet"
-        return str(path)
+        return self._publish(path)
 
     def write_text(self, name: str, text: str) -> str:
         path = self.local / name
         path.write_text(text, encoding="utf-8")
-        if self.s3:
-            bucket, key = _split(f"{self.uri}/{name}")
-            _s3_client().put_object(Bucket=bucket, Key=key, Body=text.encode())
-            return f"{self.uri}/{name}"
-        return str(path)
+        return self._publish(path)
+
+    def _publish(self, path: Path) -> str:
+        """The file's address in the store: uploaded to S3 when the store is there."""
+        if not self.s3:
+            return str(path)
+        uri = f"{self.uri}/{path.name}"
+        bucket, key = _split(uri)
+        _s3_client().put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        return uri
 
     def write_json(self, name: str, data: Any) -> str:
         return self.write_text(name, json.dumps(data, indent=2, default=str))
