@@ -340,6 +340,59 @@ def sample(
             typer.secho(f"strata with no sampled turn: {', '.join(rep['empty_strata'])}", fg="yellow", err=True)
 
 
+@app.command()
+def fidelity(
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default sqlite:///./mlflow.db).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment for fidelity runs.")] = "depsim-fidelity",
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay the *recorded* tool calls through the simulator and compare with the recorded results.
+
+    Each call's own recorded result is withheld from the simulator. Per tool: calls, exact,
+    structural (same shape) and different results, and the simulator sources used. Logged to
+    MLflow as one run; `--json` prints the per-tool table.
+    """
+    import tempfile
+
+    from tasks.check import check_conversations, load_contract
+    from tasks.fidelity import fidelity as measure
+    from tasks.fidelity import summarise
+    from tasks.load import InputError, load_raw
+    from tasks.tracking import default_tracking_uri, log_run
+
+    s = _settings(config, {"run": {"data": data}} if data else {}, as_json)
+    try:
+        raw = load_raw(s.run.data)
+    except InputError as exc:
+        _fail(str(exc), as_json)
+    valid = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share, s.contract.fail_bad_share).valid
+    table = measure(valid, list(s.replay.simulator_chain))
+    per_tool = summarise(table)
+    total = max(table.height, 1)
+    overall = {k: int((table["match"] == k).sum()) for k in ("exact", "structural", "different")}
+    metrics = {f"fidelity.{k}_share": v / total for k, v in overall.items()}
+    metrics["fidelity.calls"] = float(table.height)
+    for tool, c in per_tool.items():
+        for k in ("calls", "exact", "structural", "different"):
+            metrics[f"fidelity.{tool}.{k}"] = float(c[k])
+    with tempfile.TemporaryDirectory() as tmp:
+        table.write_parquet(f"{tmp}/fidelity.parquet")
+        run_id, _ = log_run(tracking_uri or s.run.tracking_uri or default_tracking_uri(), experiment, "fidelity",
+                            {"data": s.run.data or "bundled SYNTHETIC logs", "simulator_chain": s.replay.simulator_chain},
+                            metrics, {"depsim.kind": "fidelity"}, Path(tmp))
+    result = {"calls": table.height, **overall, "tools": per_tool, "run_id": run_id}
+    if as_json:
+        print(json.dumps(result))
+        return
+    typer.echo(f"{'tool':28} {'calls':>7} {'exact':>7} {'struct.':>7} {'diff.':>7}")
+    for tool, c in per_tool.items():
+        typer.echo(f"{tool:28} {c['calls']:7} {c['exact']:7} {c['structural']:7} {c['different']:7}")
+    typer.echo(f"{table.height} recorded calls: {overall['exact']} exact, {overall['structural']} structural, "
+               f"{overall['different']} different · MLflow run {run_id}")
+
+
 def main() -> None:
     try:
         app()
