@@ -181,14 +181,6 @@ def replay_counts(traj: pl.DataFrame) -> tuple[dict[str, int], dict[str, int], d
     return finish, errors, dict(sources)
 
 
-def elapsed_since(t0: float) -> float:
-    return round(time.perf_counter() - t0, 2)
-
-
-def context_dict(**kwargs: Any) -> dict[str, Any]:
-    return kwargs
-
-
 def stage_report(ctx: dict[str, Any], store: RunStore) -> tuple[str, str]:
     from tasks.report import render
 
