@@ -122,8 +122,7 @@ def run(
 ) -> None:
     """Run the whole deployment simulation (Prefect flow `deployment_simulation`).
 
-    Exit status: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 4 error (bad input or configuration, contract
-    check failed, endpoint or infrastructure fault), 2 usage error.
+    Exit status: 0 PASS · 1 FAIL · 3 INCONCLUSIVE · 4 error (bad input or configuration, failed contract check, endpoint or infrastructure fault) · 2 usage error.
     """
     _env_defaults(verbose)
     over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "models": {}}
