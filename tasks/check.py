@@ -248,9 +248,12 @@ def _gx_checks(frame: pl.DataFrame, contract: dict[str, Any]) -> tuple[list[dict
             column="n_messages", min_value=m.get("min_items", 1), max_value=m.get("max_items")))
     result = batch.validate(suite, result_format={"result_format": "COMPLETE",
                                                  "unexpected_index_column_names": ["_row"]})
-    checks, bad = [], {}
+    checks: list[dict[str, Any]] = []
+    bad: dict[int, tuple[str, str]] = {}
     for r in result.results:
         cfg = r.expectation_config
+        if cfg is None:
+            continue
         col = cfg.kwargs.get("column")
         rule = f"gx:{cfg.type}"
         checks.append({"check": f"{cfg.type}({col})", "engine": "great_expectations",

@@ -10,10 +10,11 @@ import json
 from typing import Any
 
 import polars as pl
+from polars._typing import PolarsDataType
 
 SCHEMA_VERSION = 1
 
-RAW_SCHEMA = {
+RAW_SCHEMA: dict[str, PolarsDataType] = {
     "source_file": pl.String,
     "source_line": pl.Int64,
     "record": pl.String,        # the row as JSON text (null when it could not be parsed)
@@ -21,7 +22,7 @@ RAW_SCHEMA = {
     "excerpt": pl.String,       # the start of an unreadable line, for the quarantine
 }
 
-CONVERSATION_SCHEMA = {
+CONVERSATION_SCHEMA: dict[str, PolarsDataType] = {
     "conversation_id": pl.String,
     "model": pl.String,
     "created_at": pl.Datetime("us", "UTC"),
@@ -37,7 +38,7 @@ CONVERSATION_SCHEMA = {
     "source_line": pl.Int64,
 }
 
-QUARANTINE_SCHEMA = {
+QUARANTINE_SCHEMA: dict[str, PolarsDataType] = {
     "source_file": pl.String,
     "source_line": pl.Int64,
     "conversation_id": pl.String,
@@ -47,7 +48,7 @@ QUARANTINE_SCHEMA = {
     "record": pl.String,
 }
 
-TURN_SCHEMA = {
+TURN_SCHEMA: dict[str, PolarsDataType] = {
     "turn_id": pl.String,           # conversation_id#turn_index
     "conversation_id": pl.String,
     "turn_index": pl.Int64,         # 0-based index of the user message among user messages
@@ -61,13 +62,13 @@ TURN_SCHEMA = {
     "language": pl.String,
 }
 
-SAMPLE_EXTRA = {
+SAMPLE_EXTRA: dict[str, PolarsDataType] = {
     "stratum": pl.String,
     "weight": pl.Float64,           # 1 / inclusion probability
     "inclusion_prob": pl.Float64,
 }
 
-TRAJECTORY_SCHEMA = {
+TRAJECTORY_SCHEMA: dict[str, PolarsDataType] = {
     "turn_id": pl.String,
     "conversation_id": pl.String,
     "side": pl.String,              # candidate | baseline
@@ -83,7 +84,7 @@ TRAJECTORY_SCHEMA = {
     "latency_s": pl.Float64,
 }
 
-SCORE_SCHEMA = {
+SCORE_SCHEMA: dict[str, PolarsDataType] = {
     "turn_id": pl.String,
     "conversation_id": pl.String,
     "side": pl.String,
@@ -97,7 +98,7 @@ SCORE_SCHEMA = {
     "unscored_reason": pl.String,
 }
 
-ESTIMATE_SCHEMA = {
+ESTIMATE_SCHEMA: dict[str, PolarsDataType] = {
     "category": pl.String,
     "side": pl.String,
     "model": pl.String,
