@@ -11,6 +11,7 @@ import glob
 import gzip
 import hashlib
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -84,46 +85,76 @@ def _looks_binary(head: bytes) -> bool:
     return False
 
 
-def _jsonl_rows(source: str, data: bytes) -> list[dict[str, Any]]:
-    if source.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except OSError as exc:
-            raise InputError(f"{source}: not a gzip file: {exc}") from exc
-    if not data.lstrip().startswith((b"{", b"[", b"\n")) and _looks_binary(data[:4096]):
+class _Columns:
+    """Raw-table columns built row by row (cheaper than a list of dicts)."""
+
+    def __init__(self) -> None:
+        self.source_file: list[str] = []
+        self.source_line: list[int] = []
+        self.record: list[str | None] = []
+        self.parse_error: list[str | None] = []
+        self.excerpt: list[str | None] = []
+
+    def add(self, source: str, line: int, record: str | None, error: str | None = None,
+            raw: bytes | None = None) -> None:
+        self.source_file.append(source)
+        self.source_line.append(line)
+        self.record.append(record)
+        self.parse_error.append(error)
+        self.excerpt.append(raw[:500].decode("utf-8", "replace") if raw is not None else None)
+
+    def frame(self) -> pl.DataFrame:
+        return pl.DataFrame({"source_file": self.source_file, "source_line": self.source_line,
+                             "record": self.record, "parse_error": self.parse_error, "excerpt": self.excerpt},
+                            schema=RAW_SCHEMA)
+
+
+def _jsonl_rows(source: str, head: bytes, lines: Iterator[bytes], out: _Columns) -> None:
+    """Parse JSONL lines into `out`; every physical line becomes one row (bad ones with the reason)."""
+    if not head.lstrip().startswith((b"{", b"[", b"\n")) and _looks_binary(head):
         raise InputError(f"{source}: not a JSONL file (binary content)")
-    rows: list[dict[str, Any]] = []
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for lineno, raw in enumerate(lines, start=1):
-        excerpt = raw[:500].decode("utf-8", "replace")
+    before = len(out.record)
+    content = False
+    for lineno, line in enumerate(lines, start=1):
+        raw = line[:-1] if line.endswith(b"\n") else line
         if not raw.strip():
-            rows.append({"source_file": source, "source_line": lineno, "record": None,
-                         "parse_error": "empty line", "excerpt": excerpt})
+            out.add(source, lineno, None, "empty line", raw)
             continue
+        content = True
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            rows.append({"source_file": source, "source_line": lineno, "record": None,
-                         "parse_error": f"invalid UTF-8 at byte {exc.start}", "excerpt": excerpt})
+            out.add(source, lineno, None, f"invalid UTF-8 at byte {exc.start}", raw)
             continue
         try:
             obj = json.loads(text)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, or e.g. a 5,000-digit integer
-            rows.append({"source_file": source, "source_line": lineno, "record": None,
-                         "parse_error": f"invalid JSON: {getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')}",
-                         "excerpt": excerpt})
+            out.add(source, lineno, None,
+                    f"invalid JSON: {getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')}", raw)
             continue
         if not isinstance(obj, dict):
-            rows.append({"source_file": source, "source_line": lineno, "record": None,
-                         "parse_error": f"expected a JSON object, got {type(obj).__name__}", "excerpt": excerpt})
+            out.add(source, lineno, None, f"expected a JSON object, got {type(obj).__name__}", raw)
             continue
-        rows.append({"source_file": source, "source_line": lineno, "record": text, "parse_error": None,
-                     "excerpt": None})
-    if not rows:
+        out.add(source, lineno, text)
+    if not content:
+        del out.source_file[before:], out.source_line[before:], out.record[before:]
+        del out.parse_error[before:], out.excerpt[before:]
         raise InputError(f"{source}: file is empty")
-    return rows
+
+
+def _local_jsonl(source: str, out: _Columns) -> None:
+    """Stream a local JSONL(.gz) file line by line: memory grows with the table, not the file."""
+    opener: Any = gzip.open if source.endswith(".gz") else open
+    try:
+        with opener(source, "rb") as fh:
+            head = fh.read(4096)
+        with opener(source, "rb") as fh:
+            _jsonl_rows(source, head, iter(fh), out)
+    except InputError:
+        raise
+    except OSError as exc:
+        kind = "not a gzip file" if source.endswith(".gz") else "cannot read"
+        raise InputError(f"{source}: {kind}: {exc}") from exc
 
 
 def _parquet_rows(source: str, data: bytes) -> list[dict[str, Any]]:
@@ -150,16 +181,26 @@ def _parquet_rows(source: str, data: bytes) -> list[dict[str, Any]]:
 
 def load_raw(data: str | None) -> pl.DataFrame:
     """Read every line/row of the sources into the raw table (RAW_SCHEMA)."""
-    rows: list[dict[str, Any]] = []
+    cols = _Columns()
+    frames: list[pl.DataFrame] = []
     for source in resolve_sources(data):
-        blob = _read_bytes(source)
         if source.endswith(".parquet"):
-            rows.extend(_parquet_rows(source, blob))
+            frames.append(pl.DataFrame(_parquet_rows(source, _read_bytes(source)), schema=RAW_SCHEMA))
+        elif source.startswith("s3://"):
+            blob = _read_bytes(source)
+            if source.endswith(".gz"):
+                try:
+                    blob = gzip.decompress(blob)
+                except OSError as exc:
+                    raise InputError(f"{source}: not a gzip file: {exc}") from exc
+            lines = blob.split(b"\n")
+            if lines and lines[-1] == b"":
+                lines.pop()
+            _jsonl_rows(source, blob[:4096], iter(lines), cols)
         else:
-            if not blob.strip():
-                raise InputError(f"{source}: file is empty")
-            rows.extend(_jsonl_rows(source, blob))
-    return pl.DataFrame(rows, schema=RAW_SCHEMA)
+            _local_jsonl(source, cols)
+    frames.append(cols.frame())
+    return pl.concat(frames) if len(frames) > 1 else frames[0]
 
 
 def dataset_hash(raw: pl.DataFrame) -> str:
