@@ -122,7 +122,10 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           "<h2>Replay</h2>",
           "<p>Finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(finish.items())) + "</p>",
           "<p>Simulated tool results by source: " + (", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none") + ". Nothing was executed.</p>",
-          f"<p>Model calls {ctx['model_calls']} · prompt tokens {ctx['prompt_tokens']} · completion tokens {ctx['completion_tokens']}</p>",
+          f"<p>Model calls {ctx['model_calls']} · cache hits {ctx.get('cache_hits', 0)} · retries {ctx.get('retries', 0)} · "
+          f"prompt tokens {ctx['prompt_tokens']} · completion tokens {ctx['completion_tokens']}</p>",
+          ("<p>Replay errors by reason: " + ", ".join(f"<code>{html.escape(k)}</code> {v}" for k, v in sorted(ctx['error_counts'].items())) + "</p>")
+          if ctx.get("error_counts") else "",
           "</body></html>"]
     md = [f"# depsim deployment simulation{' (SYNTHETIC)' if synthetic else ''}", "",
           f"run `{ctx['run_key']}` · candidate `{ctx['candidate']}` vs baseline `{ctx['baseline']}` · seed {ctx['seed']}", "",
