@@ -262,15 +262,15 @@ def check(
     terminal escape codes in tool output) are normalised first and counted. Exit status 0 when
     the verdict is passed or warning, 4 when failed or error.
     """
-    from tasks.check import check_conversations, load_contract
     from tasks.load import InputError, load_raw
+    from tasks.stages import contract_check
 
     s = _settings(config, {"run": {"data": data}} if data else {}, as_json)
     try:
         raw = load_raw(s.run.data)
     except InputError as exc:
         _fail(str(exc), as_json)
-    result = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share, s.contract.fail_bad_share)
+    result = contract_check(raw, s)
     summary = result.summary()
     if quarantine is not None:
         quarantine.parent.mkdir(parents=True, exist_ok=True)
@@ -303,10 +303,9 @@ def sample(
     The output Parquet has one row per sampled turn with its stratum, inclusion probability and
     `weight` (1 / inclusion probability). Rows failing the data contract are left out, as in the flow.
     """
-    from tasks.check import check_conversations, load_contract
     from tasks.load import InputError, load_raw
     from tasks.sample import SampleError
-    from tasks.stages import draw_sample
+    from tasks.stages import contract_check, draw_sample
 
     over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "sample": {}}
     if data:
@@ -319,7 +318,7 @@ def sample(
     s = _settings(config, over, as_json)
     try:
         raw = load_raw(s.run.data)
-        valid = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share, s.contract.fail_bad_share).valid
+        valid = contract_check(raw, s).valid
         smp, table, population, rep = draw_sample(valid, s)
     except (InputError, SampleError) as exc:
         _fail(str(exc), as_json)
@@ -355,10 +354,10 @@ def fidelity(
     """
     import tempfile
 
-    from tasks.check import check_conversations, load_contract
     from tasks.fidelity import fidelity as measure
     from tasks.fidelity import summarise
     from tasks.load import InputError, load_raw
+    from tasks.stages import contract_check
     from tasks.tracking import default_tracking_uri, log_run
 
     s = _settings(config, {"run": {"data": data}} if data else {}, as_json)
@@ -366,7 +365,7 @@ def fidelity(
         raw = load_raw(s.run.data)
     except InputError as exc:
         _fail(str(exc), as_json)
-    valid = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share, s.contract.fail_bad_share).valid
+    valid = contract_check(raw, s).valid
     table = measure(valid, list(s.replay.simulator_chain))
     per_tool = summarise(table)
     total = max(table.height, 1)

@@ -45,9 +45,14 @@ def stage_load(s: Settings, store: RunStore) -> tuple[pl.DataFrame, str]:
     return raw, dataset_hash(raw)
 
 
+def contract_check(raw: pl.DataFrame, s: Settings) -> CheckResult:
+    """The contract check with the configured contract and limits (no I/O; also used by the CLI)."""
+    return check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share,
+                               s.contract.fail_bad_share)
+
+
 def stage_check(raw: pl.DataFrame, s: Settings, store: RunStore) -> CheckResult:
-    result = check_conversations(raw, load_contract(s.contract.file), s.contract.warn_bad_share,
-                                 s.contract.fail_bad_share)
+    result = contract_check(raw, s)
     store.write("quarantine", result.quarantine)
     store.write_json("contract_check.json", {**result.summary(), "checks": result.checks})
     if result.gx_result is not None:
@@ -108,6 +113,7 @@ def stage_replay(sample: pl.DataFrame, valid: pl.DataFrame, s: Settings, store: 
     frames, call_logs, done = [], [], 0
     counts = {"model_calls": 0, "cache_hits": 0, "retries": 0}
     cache = ModelCache(cache_dir(s, store)) if s.replay.cache else None
+    cfg = s.replay if s.replay.cache else s.replay.model_copy(update={"cache_dir": None})
     size = s.replay.chunk_size
     for i, start in enumerate(range(0, sample.height, size)):
         chunk = sample.slice(start, size)
@@ -118,7 +124,6 @@ def stage_replay(sample: pl.DataFrame, valid: pl.DataFrame, s: Settings, store: 
             report("replay", done, sample.height)
 
         stats: dict[str, Any] = {}
-        cfg = s.replay if s.replay.cache else s.replay.model_copy(update={"cache_dir": None})
         traj, _ = asyncio.run(replay_sample(chunk, valid, s.models.candidate, cfg, s.run.seed, tick,
                                             cache=cache, stats=stats))
         store.write(f"trajectories_chunk_{i:05d}", traj)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -80,10 +79,3 @@ class RunStore:
 
     def write_json(self, name: str, data: Any) -> str:
         return self.write_text(name, json.dumps(data, indent=2, default=str))
-
-    def read(self, name: str) -> pl.DataFrame:
-        path = self.local / f"{name}.parquet"
-        if path.exists():
-            return pl.read_parquet(path)
-        bucket, key = _split(f"{self.uri}/{name}.parquet")
-        return pl.read_parquet(io.BytesIO(_s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()))
