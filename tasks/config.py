@@ -114,13 +114,20 @@ class ReplayCfg(BaseModel):
     step_limit: int = Field(16, ge=1, le=200)
     max_tokens: int = Field(1024, ge=16)
     chunk_size: int = Field(250, ge=1)
-    simulator_chain: list[Literal["recorded", "rules"]] = ["recorded", "rules"]
+    simulator_chain: list[Literal["recorded", "rules", "llm"]] = ["recorded", "rules"]
+    # Prompt of the `llm` tool simulator (models.simulator): a file in conf/ or a path.
+    simulator_prompt: str = "simulator.yaml"
     # Per-turn budgets (None = unlimited); a turn that reaches one finishes as "budget".
     token_budget: int | None = Field(None, ge=1)     # prompt + completion tokens over the turn
     time_budget_s: float | None = Field(None, gt=0)  # wall clock, excluding waits for a free slot
     # Content-addressed cache of model calls (request hash -> response).
     cache: bool = True  # content-addressed model-call cache: reruns and resumes repeat no call
     cache_dir: str | None = None  # default <run.store>/cache/models
+    # Where replay chunks run: "local" (Prefect's default runner) or "dask" (prefect-dask's
+    # DaskTaskRunner; dask_address of a running scheduler, or None for a local Dask cluster).
+    task_runner: Literal["local", "dask"] = "local"
+    dask_address: str | None = None
+    dask_workers: int = Field(2, ge=1, le=256)  # workers of the local cluster (dask_address None)
 
 
 class JudgeCfg(BaseModel):
