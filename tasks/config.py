@@ -100,6 +100,9 @@ class SampleCfg(BaseModel):
     turns: Literal["all", "last", "random"] = "all"
     turns_per_conversation: int = Field(1, ge=1)
     dedupe: bool = False
+    # auto: `depsim sample` scans Parquet logs lazily (no message content read, no full contract
+    # check) unless dedupe or a "labels" prior needs whole conversations; off: always load fully.
+    scan: Literal["auto", "off"] = "auto"
     surfaces: list[str] = []
     task_types: list[str] = []
     languages: list[str] = []

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,14 @@ def _local_jsonl(source: str, out: _Columns) -> None:
         raise InputError(f"{source}: {kind}: {exc}") from exc
 
 
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
 def _parquet_rows(source: str, data: bytes) -> list[dict[str, Any]]:
     import io
 
@@ -173,6 +182,10 @@ def _parquet_rows(source: str, data: bytes) -> list[dict[str, Any]]:
             if isinstance(value, str):  # nested fields stored as JSON text
                 with contextlib.suppress(json.JSONDecodeError):
                     rec[key] = json.loads(value)
+        if isinstance(rec.get("messages"), list):  # nested Parquet: a null struct field is an absent key
+            rec["messages"] = [_drop_nulls(m) for m in rec["messages"]]
+        if isinstance(rec.get("created_at"), datetime):
+            rec["created_at"] = rec["created_at"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         rows.append({"source_file": source, "source_line": i,
                      "record": json.dumps(rec, default=str, ensure_ascii=False), "parse_error": None,
                      "excerpt": None})

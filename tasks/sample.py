@@ -123,9 +123,18 @@ def filter_turns(turns: pl.DataFrame, models: list[str] | None = None, created_a
     return out
 
 
+def unit_hash(seed: int) -> pl.Expr:
+    """Seeded hash of a turn's identity (conversation_id, turn_index): the draw's sort key.
+
+    It depends on nothing but the turn itself, so the same seed draws the same turns in any
+    row order, chunking or reader (tasks/scan.py or build_turns).
+    """
+    return pl.struct(pl.col("conversation_id").cast(pl.String), pl.col("turn_index").cast(pl.Int64)).hash(seed)
+
+
 def collapse_duplicates(turns: pl.DataFrame) -> pl.DataFrame:
-    """One turn per near-duplicate prefix (the smallest turn_id), with dup_count = group size."""
-    return (turns.sort("turn_id")
+    """One turn per near-duplicate prefix (the first by conversation and turn), with dup_count = group size."""
+    return (turns.sort("conversation_id", "turn_index")
             .with_columns(dup_count=pl.len().over("prefix_hash"))
             .unique("prefix_hash", keep="first", maintain_order=True))
 
@@ -252,51 +261,92 @@ def sample_turns(turns: pl.DataFrame, n: int, strata: list[str], seed: int,
     elif turn_choice == "random":
         k = turns_per_conversation
         frame = frame.with_columns(
-            _h=pl.col("turn_id").hash(seed + 1),
+            _h=unit_hash(seed + 1),
             _nt=pl.len().over("conversation_id"),
         ).filter(pl.col("_h").rank("ordinal").over("conversation_id") <= k)
         within_prob = pl.min_horizontal(pl.lit(float(k)), pl.col("_nt").cast(pl.Float64)) / pl.col("_nt")
     elif turn_choice != "all":
         raise SampleError(f"unknown turn choice {turn_choice!r} (all, last, random)")
-    frame = frame.with_columns(_within=within_prob)
     if dedupe:
         if "prefix_hash" not in frame.columns:
             raise SampleError("dedupe needs the prefix_hash column (build_turns adds it)")
         frame = collapse_duplicates(frame)
-    else:
-        frame = frame.with_columns(dup_count=pl.lit(1, dtype=pl.UInt32))
-    key = pl.concat_str([pl.col(c).cast(pl.String).fill_null("∅") for c in strata], separator="|") if strata else pl.lit("all")
-    frame = frame.with_columns(stratum=key)
-    sizes = dict(frame.group_by("stratum").len().iter_rows())
+    # Strata are found by grouping on their columns; the key text is built per stratum, not per
+    # turn, and no per-turn column is added to the population (10M turns: seconds and GBs saved).
+    units = pl.col("dup_count").sum() if dedupe else pl.len()
+    # Streaming engine: grouping 10M turns in memory would cost ~1 GB of row keys.
+    groups = (frame.lazy().group_by(strata).agg(N_h=pl.len(), turns=units.cast(pl.Int64)) if strata
+              else frame.lazy().select(N_h=pl.len(), turns=units.cast(pl.Int64))).collect(engine="streaming")
+    groups = groups.with_columns(_g=_group_hash(strata), stratum=stratum_key(strata))
+    if groups["_g"].n_unique() != groups.height:
+        raise SampleError("stratum hash collision; use fewer or different stratum columns")  # ~1e-17 odds
+    sizes = dict(groups.select("stratum", "N_h").iter_rows())
     factors = _matching_strata(strata, list(sizes), oversample) if oversample else None
     alloc = _allocate(sizes, n, allocation, priors, factors)
     short = [h for h in sizes if alloc[h] == sizes[h] and allocation != "proportional"]
     if short and n < sum(sizes.values()):
         warnings.warn(f"{len(short)} stratum/strata smaller than their allocation; all their turns taken",
                       stacklevel=2)
-    turns_per = dict(frame.group_by("stratum").agg(pl.col("dup_count").sum()).iter_rows())
-    alloc_df = pl.DataFrame({"stratum": list(alloc), "n_h": list(alloc.values()),
-                             "N_h": [sizes[h] for h in alloc], "turns": [int(turns_per[h]) for h in alloc]},
-                            schema={"stratum": pl.String, "n_h": pl.Int64, "N_h": pl.Int64, "turns": pl.Int64})
-    # Weight = dup_count × (stratum turns / sampled dup_counts) / within-conversation probability:
-    # Horvitz–Thompson when every unit is one turn, calibrated to the stratum's known turn count
-    # when near-duplicates were collapsed, so weights always sum to the population.
-    sample = (
-        frame.join(alloc_df.select("stratum", "n_h", "N_h", "turns"), on="stratum")
-        .with_columns(_r=pl.col("turn_id").hash(seed).rank("ordinal").over("stratum"))
-        .filter(pl.col("_r") <= pl.col("n_h"))
-        .with_columns(inclusion_prob=(pl.col("n_h") / pl.col("N_h")) * pl.col("_within"))
-        .with_columns(weight=pl.col("dup_count").cast(pl.Float64)
-                      * pl.col("turns") / pl.col("dup_count").cast(pl.Float64).sum().over("stratum")
-                      / pl.col("_within"))
-        .drop([c for c in ("_r", "_h", "_nt", "_within", "n_h", "N_h", "turns") if c in frame.columns or c in ("_r", "n_h", "N_h", "_within", "turns")])
-        .sort("turn_id")
-    )
+    alloc_df = groups.select("_g", "stratum", "N_h", "turns").with_columns(
+        n_h=pl.col("stratum").replace_strict(alloc, return_dtype=pl.Int64), N_h=pl.col("N_h").cast(pl.Int64))
+    within = within_prob.alias("_within")
+    dup = pl.col("dup_count") if dedupe else pl.lit(1, dtype=pl.UInt32).alias("dup_count")
+    sample = _draw(frame, alloc_df, seed, strata, [within, dup])
+    if "turn_id" not in sample.columns:  # the lazy scan leaves turn ids to the few sampled turns
+        sample = sample.select(pl.format("{}#{}", "conversation_id", "turn_index").alias("turn_id"), pl.all())
+    sample = sample.sort("turn_id").with_columns(pl.col(pl.Categorical).cast(pl.String))
+    alloc_df = alloc_df.drop("_g")
     table = (alloc_df.rename({"N_h": "population_units", "n_h": "sampled"})
              .with_columns(population=pl.col("turns"))
              .select("stratum", "sampled", "population", *(["population_units"] if dedupe else []))
              .sort("stratum"))
     return sample, table
+
+
+def stratum_key(strata: list[str]) -> pl.Expr:
+    """The stratum's name: its column values joined by "|" (null as ∅), "all" without strata."""
+    if not strata:
+        return pl.lit("all")
+    return pl.concat_str([pl.col(c).cast(pl.String).fill_null("∅") for c in strata], separator="|")
+
+
+def _group_hash(strata: list[str]) -> pl.Expr:
+    return pl.struct(strata).hash(0) if strata else pl.lit(0, dtype=pl.UInt64)
+
+
+def _draw(frame: pl.DataFrame, alloc: pl.DataFrame, seed: int, strata: list[str],
+          unit_cols: list[pl.Expr]) -> pl.DataFrame:
+    """In each stratum, the n_h units with the smallest seeded hash, with inclusion probability and weight.
+
+    Only units whose hash falls in a generous lower band of their stratum are kept for ranking
+    (a few times n_h of them); a stratum whose band holds fewer than n_h units is ranked whole,
+    so the result is exactly the n_h smallest. `unit_cols` (_within, dup_count) are computed
+    for those candidates only.
+
+    Weight = dup_count × (stratum turns / sampled dup_counts) / within-conversation probability:
+    Horvitz–Thompson when every unit is one turn, calibrated to the stratum's known turn count
+    when near-duplicates were collapsed, so weights always sum to the population.
+    """
+    top = float(2**64 - 1)
+    band = alloc.with_columns(
+        _thr=pl.when(pl.col("n_h") * 4 + 256 >= pl.col("N_h")).then(pl.lit(top))
+        .otherwise((pl.col("n_h") * 4 + 256) / pl.col("N_h") * top))
+    thr = dict(band.select("_g", "_thr").iter_rows())
+    group = _group_hash(strata)
+    in_band = unit_hash(seed).cast(pl.Float64) <= group.replace_strict(thr, return_dtype=pl.Float64)
+    cand = frame.lazy().filter(in_band).with_columns(_g=group).collect(engine="streaming")
+    got = dict(cand.group_by("_g").len().iter_rows())
+    short = [g for g, n_h in alloc.select("_g", "n_h").iter_rows() if got.get(g, 0) < n_h]
+    if short:  # the band held too few: rank those strata whole
+        cand = pl.concat([cand.filter(~pl.col("_g").is_in(short)),
+                          frame.filter(group.is_in(short)).with_columns(_g=group)])
+    cand = cand.with_columns(*unit_cols, _k=unit_hash(seed)).join(band.drop("_thr"), on="_g")
+    picked = (cand.with_columns(_r=pl.col("_k").rank("ordinal").over("_g"))
+              .filter(pl.col("_r") <= pl.col("n_h"))
+              .with_columns(inclusion_prob=(pl.col("n_h") / pl.col("N_h")) * pl.col("_within"))
+              .with_columns(weight=pl.col("dup_count").cast(pl.Float64) * pl.col("turns")
+                            / pl.col("dup_count").cast(pl.Float64).sum().over("_g") / pl.col("_within")))
+    return picked.drop([c for c in picked.columns if c.startswith("_") or c in ("n_h", "N_h", "turns")])
 
 
 def representativeness(table: pl.DataFrame, sample: pl.DataFrame) -> dict[str, Any]:

@@ -17,6 +17,24 @@ def _s3_client() -> Any:
     return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
 
 
+def s3_filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow S3 filesystem, "bucket/key") for lazy Parquet reads; credentials as boto3 finds them."""
+    import boto3
+    from pyarrow import fs
+
+    endpoint = os.environ.get("DEPSIM_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    session = boto3.session.Session()
+    creds = session.get_credentials()
+    frozen = creds.get_frozen_credentials() if creds else None
+    kwargs: dict[str, Any] = {"region": session.region_name or "us-east-1"}
+    if frozen is not None:
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
+    return fs.S3FileSystem(**kwargs), uri[len("s3://"):]
+
+
 def _split(uri: str) -> tuple[str, str]:
     rest = uri[len("s3://"):]
     bucket, _, key = rest.partition("/")

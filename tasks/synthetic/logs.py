@@ -186,11 +186,10 @@ def write_logs(path: str | Path, n: int, model: str = "synthetic-agent-v1", seed
     for conv in generate(n, model, seed):
         conv.pop("_truth")
         rows.append(conv)
-    if path.suffix == ".parquet":
+    if path.suffix == ".parquet":  # messages as native nested Parquet (list of structs)
+        from tasks.synthetic.scale import write_conversations_parquet
 
-        from tasks.records import conversations_frame
-
-        conversations_frame(rows).write_parquet(path)
+        write_conversations_parquet(path, rows)
     else:
         with path.open("w", encoding="utf-8") as fh:
             for conv in rows:

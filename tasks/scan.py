@@ -1,0 +1,305 @@
+"""The turn population of Parquet logs, read lazily: only the columns sampling needs.
+
+A 10M-turn log never enters memory whole. Each Parquet file is read row group by row group,
+projecting the conversation-level columns (id, model, created_at, strata) and two leaves of the
+nested messages (`role`, and one leaf under `tool_calls`), never message content. Turns are
+computed with vectorised Polars expressions per row group, so memory holds the turn table
+(a few columns per turn) plus one row group at a time.
+
+The turns are the same as tasks/sample.build_turns computes from whole conversations (same
+columns except prefix_hash), so the same draw gives the same sample from either path.
+Messages stored as JSON text (rather than nested Parquet) are supported, at the cost of
+parsing the text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.config import Settings
+from tasks.load import InputError, resolve_sources
+from tasks.records import TURN_SCHEMA
+from tasks.sample import PREFIX_BUCKETS, SampleError, filter_turns, representativeness, sample_turns
+
+CONV_COLUMNS = ("conversation_id", "model", "created_at", "surface", "task_type", "language")
+_MSG_DTYPE = pl.List(pl.Struct({"role": pl.String, "tool_calls": pl.List(pl.Struct({"type": pl.String}))}))
+
+
+@dataclass
+class ScanResult:
+    """The turn population and what was left out of it (every left-out row counted by rule)."""
+
+    turns: pl.DataFrame
+    rows_in: int = 0
+    files: int = 0
+    excluded: dict[str, int] = field(default_factory=dict)
+
+
+def _open(source: str) -> pq.ParquetFile:
+    try:
+        if source.startswith("s3://"):
+            from tasks.store import s3_filesystem
+
+            fs, path = s3_filesystem(source)
+            return pq.ParquetFile(fs.open_input_file(path))
+        return pq.ParquetFile(source)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{source}: not a readable Parquet file: {exc}") from exc
+
+
+def _leaf_paths(pf: pq.ParquetFile, source: str) -> tuple[list[str], str | None, str | None, bool]:
+    """(conversation columns present, role leaf, a tool_calls leaf, messages is JSON text)."""
+    names = pf.schema_arrow.names
+    if "conversation_id" not in names or "messages" not in names:
+        missing = [c for c in ("conversation_id", "messages") if c not in names]
+        raise InputError(f"{source}: missing column(s) {', '.join(missing)} (conversation contract, DESIGN §3)")
+    conv = [c for c in CONV_COLUMNS if c in names]
+    mtype = pf.schema_arrow.field("messages").type
+    if pa.types.is_string(mtype) or pa.types.is_large_string(mtype) or pa.types.is_dictionary(mtype):
+        return conv, None, None, True
+    paths = [pf.schema.column(i).path for i in range(len(pf.schema))]
+    role = next((p for p in paths if p.startswith("messages.") and p.endswith(".role")), None)
+    # One leaf under tool_calls is enough to count calls; prefer small (dictionary-friendly) ones.
+    under = [p for p in paths if p.startswith("messages.") and ".tool_calls." in p]
+    calls = next((p for end in (".type", ".name", "") for p in under if p.endswith(end)), None)
+    if role is None:
+        raise InputError(f"{source}: messages has no role field")
+    return conv, role, calls, False
+
+
+def _messages_array(tbl: pa.Table, as_text: bool) -> pa.Array:
+    """The messages column as one Arrow list<struct{role, tool_calls?}> array."""
+    col = tbl.column("messages")
+    if as_text:
+        decoded = pl.from_arrow(col).cast(pl.String).str.json_decode(_MSG_DTYPE)  # type: ignore[union-attr]
+        return decoded.to_arrow()
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _role_flags(roles: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(is_user, is_assistant) per message, from a string or dictionary role array."""
+    if pa.types.is_dictionary(roles.type):
+        values = roles.dictionary.to_pylist()
+        codes = roles.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+        user = np.zeros(len(codes), dtype=bool)
+        asst = np.zeros(len(codes), dtype=bool)
+        for code, value in enumerate(values):  # a dictionary may hold a value more than once
+            if value == "user":
+                user |= codes == code
+            elif value == "assistant":
+                asst |= codes == code
+        return user, asst
+    return (pc.fill_null(pc.equal(roles, "user"), False).to_numpy(zero_copy_only=False),
+            pc.fill_null(pc.equal(roles, "assistant"), False).to_numpy(zero_copy_only=False))
+
+
+def _segment_any(flags: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """For each segment [lo, hi) of flags: does it hold a True? (segments are non-empty)"""
+    if len(lo) == 0:
+        return np.zeros(0, dtype=bool)
+    padded = np.append(flags, False)  # hi may equal len(flags)
+    bounds = np.empty(2 * len(lo), dtype=np.int64)
+    bounds[0::2], bounds[1::2] = lo, hi
+    return np.logical_or.reduceat(padded, bounds)[0::2]
+
+
+def turns_of_batch(conv: pl.DataFrame, messages: pa.Array) -> pl.DataFrame:
+    """The turns of a batch of conversations, vectorised over the flattened messages.
+
+    A turn starts at each user message and ends before the next user message (or the end of
+    the conversation); it uses tools when an assistant message in it has tool calls, and has a
+    response when it holds any assistant message. Same definition as tasks/sample.turns_of.
+    """
+    offsets = messages.offsets.to_numpy()  # null lists have equal offsets: length 0
+    starts = (offsets - offsets[0]).astype(np.int64)
+    lens = np.diff(starts)
+    flat = messages.flatten()
+    user, asst = _role_flags(flat.field("role"))
+    if "tool_calls" in [flat.type.field(i).name for i in range(flat.type.num_fields)]:
+        tool = asst & (np.diff(flat.field("tool_calls").offsets.to_numpy()) > 0)
+    else:
+        tool = np.zeros(len(flat), dtype=bool)
+    u = np.flatnonzero(user)
+    c = np.repeat(np.arange(len(lens)), lens)[u]
+    same = np.zeros(len(u), dtype=bool)
+    same[:-1] = c[1:] == c[:-1]
+    nxt = np.append(u[1:], len(flat)) if len(u) else u
+    end = np.where(same, nxt, starts[c + 1])
+    boundary = np.ones(len(u), dtype=bool)
+    boundary[1:] = ~same[:-1]
+    idx = np.arange(len(u))
+    turns = pl.DataFrame({  # Int32 here (half the memory at 10M turns); Int64 in the sample
+        "turn_index": (idx - np.maximum.accumulate(np.where(boundary, idx, 0))).astype(np.int32),
+        "user_msg_index": (u - starts[c]).astype(np.int32),
+        "end_msg_index": (end - starts[c]).astype(np.int32),
+        "prefix_len": (u - starts[c] + 1).astype(np.int32),
+        "uses_tools": _segment_any(tool, u, end),
+        "has_response": _segment_any(asst, u, end),
+    })
+    return pl.concat([conv[c], turns], how="horizontal")
+
+
+def _bucket_expr() -> pl.Expr:
+    expr = pl.lit("51+")
+    for upper, label in reversed(PREFIX_BUCKETS):
+        expr = pl.when(pl.col("prefix_len") <= upper).then(pl.lit(label)).otherwise(expr)
+    return expr
+
+
+def _normalise_conv(conv: pl.DataFrame, wanted: tuple[str, ...] = CONV_COLUMNS) -> pl.DataFrame:
+    """The wanted conversation columns as strings (or Categorical) and UTC datetimes; absent ones null."""
+    # Strings stay as they come (Categorical when the file dictionary-encodes them: cheap to gather).
+    cols = {c: (conv[c] if c == "created_at" or conv[c].dtype in (pl.String, pl.Categorical) else conv[c].cast(pl.String))
+            for c in conv.columns}
+    for c in CONV_COLUMNS:
+        if c not in cols and c in wanted:
+            cols[c] = pl.Series(c, [None] * conv.height, dtype=pl.String if c != "created_at" else pl.Datetime("us", "UTC"))
+    frame = pl.DataFrame(cols).select(c for c in CONV_COLUMNS if c in cols)
+    ts = frame.schema.get("created_at")
+    if ts is None:
+        pass
+    elif ts == pl.String:
+        frame = frame.with_columns(pl.col("created_at").str.to_datetime(time_zone="UTC", strict=False))
+    elif isinstance(ts, pl.Datetime):
+        frame = frame.with_columns(pl.col("created_at").dt.cast_time_unit("us").dt.replace_time_zone("UTC")
+                                   if ts.time_zone is None else pl.col("created_at").dt.convert_time_zone("UTC")
+                                   .dt.cast_time_unit("us"))
+    else:
+        frame = frame.with_columns(created_at=pl.lit(None, pl.Datetime("us", "UTC")))
+    return frame
+
+
+def _row_group_turns(source: str, g: int, wanted: tuple[str, ...]) -> tuple[pl.DataFrame, int, dict[str, int]]:
+    """Turns of one row group, its row count, and rows left out by reason.
+
+    Opens its own reader: a ParquetFile must not be read from two threads at once.
+    """
+    pf = _open(source)
+    conv_cols, role, calls, as_text = _leaf_paths(pf, source)
+    conv_cols = [c for c in conv_cols if c in wanted]
+    leaves = [*conv_cols, *(["messages"] if as_text else [p for p in (role, calls) if p])]
+    try:
+        tbl = pf.read_row_group(g, columns=leaves)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{source}: row group {g}: cannot read: {exc}") from exc
+    conv = pl.from_arrow(pa.table({c: tbl.column(c) for c in conv_cols}))
+    assert isinstance(conv, pl.DataFrame)
+    conv = _normalise_conv(conv, wanted)
+    msgs = _messages_array(tbl, as_text)
+    no_id = conv["conversation_id"].is_null().to_numpy()
+    empty = np.diff(msgs.offsets.to_numpy()) == 0
+    keep = ~no_id & ~empty
+    if not keep.all():
+        conv, msgs = conv.filter(pl.Series(keep)), msgs.filter(pa.array(keep))
+    out = {"missing_conversation_id": int(no_id.sum()), "no_messages": int((empty & ~no_id).sum())}
+    return turns_of_batch(conv, msgs), len(keep), out
+
+
+def scan_turns(data: str, columns: list[str] | None = None,
+               progress: Callable[[int, int], None] | None = None, threads: int = 2) -> ScanResult:
+    """The turn population of Parquet logs (a file, folder, glob or s3:// prefix).
+
+    Args:
+        data: where the logs are.
+        columns: the conversation columns to keep (strata and filters); conversation_id always.
+            None keeps model, created_at, surface, task_type and language.
+        progress: called with (row groups done, row groups) as the scan goes.
+        threads: row groups read at once (Arrow and NumPy release the GIL).
+
+    Rows without a conversation_id or with no messages have no turns; they are counted in
+    `excluded` by reason, as are conversation ids seen more than once (all their turns are
+    left out: which copy is right is unknowable here; the contract check names them).
+
+    Raises:
+        InputError: a non-Parquet source, an unreadable file, a missing required column.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with contextlib.suppress(NotImplementedError, pa.ArrowException):
+        pa.set_memory_pool(pa.jemalloc_memory_pool())  # returns freed row groups to the OS sooner
+    sources = resolve_sources(data)
+    bad = [s for s in sources if not s.endswith(".parquet")]
+    if bad:
+        raise InputError(f"{bad[0]}: the lazy scan reads Parquet only (JSONL goes through the full loader)")
+    wanted = tuple(c for c in CONV_COLUMNS if c == "conversation_id" or columns is None or c in columns)
+    groups = [(s, g) for s in sources for g in range(_open(s).metadata.num_row_groups)]
+    if not groups:
+        raise InputError(f"{data}: no rows")
+    excluded = {"missing_conversation_id": 0, "no_messages": 0, "duplicate_conversation_id": 0}
+    frames: list[pl.DataFrame] = []
+    rows_in = 0
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for k, (frame, n, out) in enumerate(pool.map(lambda t: _row_group_turns(*t, wanted), groups)):
+            frames.append(frame)
+            rows_in += n
+            for key, v in out.items():
+                excluded[key] += v
+            if progress:
+                progress(k + 1, len(groups))
+    turns = pl.concat(frames)
+    firsts = turns.filter(pl.col("turn_index") == 0)["conversation_id"]
+    if firsts.n_unique() != firsts.len():
+        dup = firsts.value_counts().filter(pl.col("count") > 1)
+        excluded["duplicate_conversation_id"] = int(dup["count"].sum())
+        turns = turns.filter(~pl.col("conversation_id").is_in(dup["conversation_id"].implode()))
+    turns = turns.with_columns(prefix_bucket=_bucket_expr())
+    return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v})
+
+
+def fetch_conversations(data: str, ids: list[str]) -> list[dict[str, Any]]:
+    """Whole records of the given conversations (for replay of a sample), read row group by row group."""
+    want = set(ids)
+    out: list[dict[str, Any]] = []
+    for source in resolve_sources(data):
+        pf = _open(source)
+        for g in range(pf.metadata.num_row_groups):
+            idcol = pl.from_arrow(pf.read_row_group(g, columns=["conversation_id"]).column(0))
+            assert isinstance(idcol, pl.Series)
+            hit = idcol.cast(pl.String).is_in(list(want)).arg_true()
+            if hit.len() == 0:
+                continue
+            tbl = pf.read_row_group(g).take(pa.array(hit.to_numpy()))
+            out.extend(tbl.to_pylist())
+    return out
+
+
+def scan_eligible(s: Settings) -> bool:
+    """Whether `depsim sample` can scan the logs lazily (Parquet, no whole-conversation feature)."""
+    c = s.sample
+    if c.scan == "off" or c.dedupe or (c.allocation == "neyman" and c.prior == "labels"):
+        return False
+    return all(src.endswith(".parquet") for src in resolve_sources(s.run.data))
+
+
+def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any], ScanResult]:
+    """The sampling stage over a lazy scan of Parquet logs: the same draw as stages.draw_sample.
+
+    Returns (sample, strata table, population turns, representativeness, ScanResult).
+    """
+
+    c = s.sample
+    known = [*CONV_COLUMNS, *TURN_SCHEMA, "has_response", "prefix_bucket"]
+    unknown = [col for col in c.strata if col not in known]
+    if unknown:
+        raise SampleError(f"unknown stratum column(s): {', '.join(unknown)} (available: {', '.join(dict.fromkeys(known))})")
+    scanned = scan_turns(s.run.data or "", progress=progress)  # all CONV_COLUMNS: the sample has them all
+    turns = filter_turns(scanned.turns, s.run.production_models, c.created_after, c.created_before,
+                         c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)
+    priors = None
+    if c.allocation == "neyman":
+        from tasks.stages import load_priors  # imports the replay stack: only when needed
+
+        priors = load_priors(c.prior, turns, pl.DataFrame(), c.strata)
+    sample, strata = sample_turns(turns, c.n, c.strata, s.run.seed, c.allocation, c.turns,
+                                  c.turns_per_conversation, priors, c.oversample or None, c.dedupe)
+    sample = sample.with_columns(pl.col(col).cast(dtype) for col, dtype in TURN_SCHEMA.items())
+    return sample, strata, turns.height, representativeness(strata, sample), scanned
