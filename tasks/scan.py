@@ -238,7 +238,7 @@ def scan_turns(data: str, columns: list[str] | None = None,
     frames: list[pl.DataFrame] = []
     rows_in = 0
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for k, (frame, n, out) in enumerate(pool.map(lambda t: _row_group_turns(*t, wanted), groups)):
+        for k, (frame, n, out) in enumerate(pool.map(lambda t: _row_group_turns(t[0], t[1], wanted), groups)):
             frames.append(frame)
             rows_in += n
             for key, v in out.items():
@@ -253,23 +253,6 @@ def scan_turns(data: str, columns: list[str] | None = None,
         turns = turns.filter(~pl.col("conversation_id").is_in(dup["conversation_id"].implode()))
     turns = turns.with_columns(prefix_bucket=_bucket_expr())
     return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v})
-
-
-def fetch_conversations(data: str, ids: list[str]) -> list[dict[str, Any]]:
-    """Whole records of the given conversations (for replay of a sample), read row group by row group."""
-    want = set(ids)
-    out: list[dict[str, Any]] = []
-    for source in resolve_sources(data):
-        pf = _open(source)
-        for g in range(pf.metadata.num_row_groups):
-            idcol = pl.from_arrow(pf.read_row_group(g, columns=["conversation_id"]).column(0))
-            assert isinstance(idcol, pl.Series)
-            hit = idcol.cast(pl.String).is_in(list(want)).arg_true()
-            if hit.len() == 0:
-                continue
-            tbl = pf.read_row_group(g).take(pa.array(hit.to_numpy()))
-            out.extend(tbl.to_pylist())
-    return out
 
 
 def scan_eligible(s: Settings) -> bool:

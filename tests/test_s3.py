@@ -97,3 +97,42 @@ def test_run_with_data_and_run_store_on_s3(bucket: str, s3_endpoint: str, tmp_pa
     assert {"sample.parquet", "scores.parquet", "estimates.parquet", "report.html", "quarantine.parquet"} <= keys
     sample = pl.read_parquet(io.BytesIO(s3.get_object(Bucket="runs", Key=f"{prefix}/sample.parquet")["Body"].read()))
     assert sample.height == 20 and "weight" in sample.columns
+
+
+def test_sample_scans_parquet_on_s3_lazily(s3_endpoint: str, tmp_path: Path) -> None:
+    """Nested Parquet under an s3:// prefix: read through pyarrow's S3 filesystem at endpoint_url."""
+    import pyarrow.parquet as pq
+
+    from tasks.synthetic.scale import conversations_table
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="scan")
+    rows = synthetic_rows(60, seed=8)
+    for i, part in enumerate((rows[:25], rows[25:])):
+        buf = io.BytesIO()
+        pq.write_table(conversations_table(part), buf, row_group_size=10)
+        s3.put_object(Bucket="scan", Key=f"prod/part-{i}.parquet", Body=buf.getvalue())
+    out = tmp_path / "s3-sample.parquet"
+    r = run_cli(["sample", "--data", "s3://scan/prod/", "--n", "40", "--out", str(out), "--json"], cwd=tmp_path,
+                env={**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["scan"] is True and res["rows_in"] == 60 and res["sampled_turns"] == 40
+    local = tmp_path / "local"
+    local.mkdir()
+    pq.write_table(conversations_table(rows), local / "all.parquet")
+    r2 = run_cli(["sample", "--data", str(local), "--n", "40", "--out", str(tmp_path / "l.parquet"), "--json"], cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr
+    assert pl.read_parquet(out).equals(pl.read_parquet(tmp_path / "l.parquet"))  # same sample from S3 or disk
+
+
+def test_unreadable_s3_parquet_object_is_named(s3_endpoint: str, tmp_path: Path) -> None:
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="broken")
+    s3.put_object(Bucket="broken", Key="p/bad.parquet", Body=b"PAR1 not parquet")
+    out = tmp_path / "o.parquet"
+    r = run_cli(["sample", "--data", "s3://broken/p/", "--n", "5", "--out", str(out)], cwd=tmp_path,
+                env={**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint})
+    assert r.returncode == 4
+    assert "s3://broken/p/bad.parquet: not a readable Parquet file" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
