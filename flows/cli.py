@@ -228,12 +228,19 @@ def serve_synthetic(
 @app.command("synth-logs")
 def synth_logs(
     out: Annotated[Path, typer.Option(help="Output file: .jsonl or .parquet.")],
-    n: Annotated[int, typer.Option("--n", min=1, help="Number of conversations.")] = 1000,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of conversations (scripted generator).")] = 1000,
+    turns: Annotated[int | None, typer.Option("--turns", min=1, help="Scale mode (.parquet only): exactly this many turns, conversations drawn from a pool of --pool scripted ones with new ids and times.")] = None,
+    pool: Annotated[int, typer.Option("--pool", min=1, help="Scale mode: scripted conversations in the pool.")] = 2000,
     model: Annotated[str, typer.Option(help="Scripted profile that 'served' production.")] = "synthetic-agent-v1",
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate SYNTHETIC production logs in the conversation contract (deterministic by seed)."""
+    """Generate SYNTHETIC production logs in the conversation contract (deterministic by seed).
+
+    By default every conversation is scripted (~500 conversations/s). With --turns, a Parquet log
+    of that many turns is assembled from a pool of scripted conversations (10M turns in about a
+    minute); content repeats across copies, so use it for scale tests, not for statistics.
+    """
     from tasks.synthetic.logs import write_logs
     from tasks.synthetic.profiles import PROFILE_NAMES
 
@@ -241,10 +248,26 @@ def synth_logs(
         _fail(f"unknown synthetic model {model!r} (available: {', '.join(PROFILE_NAMES)})", as_json)
     if out.suffix not in (".jsonl", ".parquet"):
         _fail(f"{out}: the output must end in .jsonl or .parquet", as_json)
+    if turns is not None and out.suffix != ".parquet":
+        _fail(f"{out}: --turns (scale mode) writes Parquet only; use a .parquet output", as_json)
     seed_v = _seed(seed, as_json).get("seed", 0)
     t0 = time.perf_counter()
-    count = write_logs(out, n, model, seed_v)
-    result = {"out": str(out), "conversations": count, "model": model, "seed": seed_v, "synthetic": True,
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
+    if turns is not None:
+        from tasks.synthetic.scale import write_scaled_parquet
+
+        def tick(done: int, total: int) -> None:
+            if not as_json:
+                typer.echo(f"\r  {done:,}/{total:,} conversations", nl=False, err=True)
+
+        info = write_scaled_parquet(partial, turns, model, seed_v, pool=pool, progress=tick)
+        if not as_json:
+            typer.echo("", err=True)
+        count, extra = info["conversations"], {"turns": info["turns"], "pool": info["pool"], "scale_mode": True}
+    else:
+        count, extra = write_logs(partial, n, model, seed_v), {"scale_mode": False}
+    partial.replace(out)
+    result = {"out": str(out), "conversations": count, **extra, "model": model, "seed": seed_v, "synthetic": True,
               "elapsed_s": round(time.perf_counter() - t0, 2)}
     print(json.dumps(result) if as_json else f"wrote {count} SYNTHETIC conversations to {out}")
 
@@ -296,36 +319,58 @@ def sample(
     allocation: Annotated[str | None, typer.Option(help="proportional | equal | neyman (neyman needs sample.prior).")] = None,
     turns: Annotated[str | None, typer.Option(help="all | last | random turns per conversation.")] = None,
     dedupe: Annotated[bool | None, typer.Option("--dedupe/--no-dedupe", help="Collapse near-duplicate prefixes.")] = None,
+    scan: Annotated[bool | None, typer.Option("--scan/--no-scan", help="Read Parquet lazily (default when possible) or load and contract-check whole conversations.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw the stratified sample of turns (with weights) as a stage of its own.
 
     The output Parquet has one row per sampled turn with its stratum, inclusion probability and
-    `weight` (1 / inclusion probability). Rows failing the data contract are left out, as in the flow.
+    `weight` (1 / inclusion probability). JSONL logs are loaded whole and rows failing the data
+    contract are left out, as in the flow. Parquet logs are scanned lazily (ids, strata and message
+    roles only; no message content), rows without an id or messages, or with a repeated id, are left
+    out and counted in `rows_excluded`; run `depsim check` for the whole contract.
     """
     from tasks.load import InputError, load_raw
     from tasks.sample import SampleError
-    from tasks.stages import contract_check, draw_sample
+    from tasks.scan import draw_sample_scan, scan_eligible
 
+    t0 = time.perf_counter()
     over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "sample": {}}
     if data:
         over["run"]["data"] = data
     for key, value in (("n", n), ("allocation", allocation), ("turns", turns), ("dedupe", dedupe)):
         if value is not None:
             over["sample"][key] = value
+    if scan is not None:
+        over["sample"]["scan"] = "auto" if scan else "off"
     if strata is not None:
         over["sample"]["strata"] = [c.strip() for c in strata.split(",") if c.strip()]
     s = _settings(config, over, as_json)
+    if out.suffix != ".parquet":
+        _fail(f"{out}: the output must end in .parquet", as_json, 2)
+    extra: dict[str, Any] = {}
     try:
-        raw = load_raw(s.run.data)
-        valid = contract_check(raw, s).valid
-        smp, table, population, rep = draw_sample(valid, s)
+        if scan_eligible(s):
+            bar = _Progress() if not as_json else None
+            smp, table, population, rep, scanned = draw_sample_scan(
+                s, progress=(lambda done, total: bar("scan row groups", done, total)) if bar else None)
+            extra = {"scan": True, "rows_in": scanned.rows_in, "rows_excluded": scanned.excluded}
+        else:
+            from tasks.stages import contract_check, draw_sample
+
+            raw = load_raw(s.run.data)
+            checked = contract_check(raw, s)
+            smp, table, population, rep = draw_sample(checked.valid, s)
+            extra = {"scan": False, "rows_in": checked.rows_in, "rows_excluded": checked.by_rule}
     except (InputError, SampleError) as exc:
         _fail(str(exc), as_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    smp.write_parquet(out)
+    partial = out.with_name(f".{out.name}.partial")
+    smp.write_parquet(partial)
+    partial.replace(out)  # never a half-written sample under the final name
     result = {"population_turns": population, "sampled_turns": smp.height,
-              "weight_sum": float(smp["weight"].sum()), "out": str(out),
+              "weight_sum": float(smp["weight"].sum()), "out": str(out), **extra,
+              "elapsed_s": round(time.perf_counter() - t0, 2),
               "strata": {r["stratum"]: {"population": r["population"], "sampled": r["sampled"]} for r in table.iter_rows(named=True)},
               "psi": rep["psi"], "chi_square": rep["chi_square"], "chi_square_p": rep["chi_square_p"],
               "empty_strata": rep["empty_strata"]}
@@ -354,6 +399,7 @@ def fidelity(
     """
     import tempfile
 
+    from tasks.config import ConfigError
     from tasks.fidelity import fidelity as measure
     from tasks.fidelity import summarise
     from tasks.load import InputError, load_raw
@@ -366,7 +412,11 @@ def fidelity(
     except InputError as exc:
         _fail(str(exc), as_json)
     valid = contract_check(raw, s).valid
-    table = measure(valid, list(s.replay.simulator_chain))
+    try:
+        table = measure(valid, list(s.replay.simulator_chain), simulator=s.models.simulator,
+                        prompt=s.replay.simulator_prompt, seed=s.run.seed)
+    except ConfigError as exc:  # a bad simulator prompt file or a missing simulator key
+        _fail(str(exc), as_json)
     per_tool = summarise(table)
     total = max(table.height, 1)
     overall = {k: int((table["match"] == k).sum()) for k in ("exact", "structural", "different")}

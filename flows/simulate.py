@@ -8,23 +8,29 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tasks.check import summary_markdown
-from tasks.config import Settings, load_settings
+from tasks.config import Settings, load_settings, settings_from_dict
 from tasks.prefect_tasks import (
     check_task,
+    chunk_task_runner,
+    combine_task,
+    dask_scope,
     estimate_task,
     judge_task,
     load_task,
     log_task,
-    replay_task,
+    replay_chunk_task,
     report_task,
     sample_task,
 )
-from tasks.stages import replay_counts
+from tasks.progress import report
+from tasks.stages import ChunkOutcome, ReplayChunk, ReplayChunksFailed, plan_chunks, replay_counts
 from tasks.store import RunStore
 from tasks.tracking import default_tracking_uri
 
@@ -34,7 +40,50 @@ def _run_key(config: dict[str, Any]) -> str:
     return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{digest}"
 
 
-@flow(name="deployment_simulation")
+def _map_chunks(chunks: list[ReplayChunk], s: Settings, store: RunStore,
+                report_chunks: bool) -> list[ChunkOutcome]:
+    """Replay chunks as mapped tasks on the current task runner; every chunk runs to its end.
+
+    Raises:
+        ReplayChunksFailed: naming the chunks that failed, once all have finished.
+    """
+    futures = replay_chunk_task.map(chunks, unmapped(s), unmapped(store))
+    chunk_of = dict(zip(futures, chunks, strict=True))
+    outcomes: list[ChunkOutcome] = []
+    failures: dict[int, BaseException] = {}
+    for future in as_completed(futures):
+        try:
+            outcomes.append(future.result())
+        except Exception as exc:
+            failures[chunk_of[future].index] = exc
+            continue
+        if report_chunks:  # chunks in other processes cannot tick per turn here
+            report("replay", sum(o.turns for o in outcomes), chunks[0].total)
+    if failures:
+        raise ReplayChunksFailed(failures, len(chunks), store.uri)
+    return outcomes
+
+
+@flow(name="replay-chunks", validate_parameters=False)
+def replay_chunks(chunks: list[ReplayChunk], s: Settings, store: RunStore) -> list[ChunkOutcome]:
+    """The replay chunks as a subflow, run on the task runner replay.task_runner names."""
+    return _map_chunks(chunks, s, store, report_chunks=True)
+
+
+def _replay(chunks: list[ReplayChunk], s: Settings, store: RunStore,
+            runner: TaskRunner[Any] | None) -> list[ChunkOutcome]:
+    if runner is None:  # local: this flow's runner, one chunk at a time, ticking per turn
+        return _map_chunks(chunks, s, store, report_chunks=False)
+    with dask_scope():
+        return replay_chunks.with_options(task_runner=runner)(chunks, s, store)
+
+
+# One chunk at a time locally: the candidate endpoint's concurrency and rpm hold for the run,
+# as they do per worker on Dask; replay is concurrent inside a chunk.
+_ONE_CHUNK_AT_A_TIME: TaskRunner[Any] = ThreadPoolTaskRunner(max_workers=1)
+
+
+@flow(name="deployment_simulation", task_runner=_ONE_CHUNK_AT_A_TIME)
 def deployment_simulation(config: dict[str, Any] | None = None,
                           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one deployment simulation.
@@ -45,14 +94,16 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         overrides: nested settings layered on top, e.g. {"models": {"candidate": {"model": "x"}}}.
     """
     t0 = time.perf_counter()
-    s = Settings.model_validate(config) if config is not None else load_settings(overrides=overrides)
+    s = settings_from_dict(config) if config is not None else load_settings(overrides=overrides)
     config = s.public_dict()
     store = RunStore(s.run.store, _run_key(config))
+    runner = chunk_task_runner(s.replay)  # a missing prefect-dask fails here, before any work
     raw, data_hash = load_task(s, store)
     checked = check_task(raw, s, store)
     create_markdown_artifact(summary_markdown(checked), key="depsim-contract", description="contract check")
     sample, strata, population, represent = sample_task(checked.valid, s, store)
-    candidate, calls = replay_task(sample, checked.valid, s, store)
+    chunks = plan_chunks(sample, checked.valid, s.replay.chunk_size)
+    candidate, calls = combine_task(_replay(chunks, s, store, runner), store)
     scores = judge_task(candidate, sample, checked.valid, s, store)
     estimates, gated, verdict = estimate_task(scores, sample, s, store)
     finish, errors, sources = replay_counts(candidate)

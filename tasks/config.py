@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 SYNTHETIC_URL = "synthetic://"
@@ -176,6 +176,13 @@ class Settings(BaseSettings):
         # YAML layers arrive through init kwargs (deep-merged by load_settings); env beats them.
         return (env_settings, init_settings)
 
+    @model_validator(mode="after")
+    def _no_synthetic_simulator_for_real_candidates(self) -> Settings:
+        if "llm" in self.replay.simulator_chain and self.models.simulator.synthetic and not self.models.candidate.synthetic:
+            raise ValueError("replay.simulator_chain has llm but models.simulator is the SYNTHETIC simulator while the "
+                             "candidate is real: set models.simulator to a real endpoint (or drop llm from the chain)")
+        return self
+
     def public_dict(self) -> dict[str, Any]:
         """The resolved config, safe to log: holds env-var *names*, never secret values."""
         return self.model_dump(mode="json")
@@ -257,6 +264,12 @@ def load_settings(
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"config: {loc}: {first['msg']} (got {first.get('input')!r})") from exc
+
+
+def settings_from_dict(config: dict[str, Any]) -> Settings:
+    """A resolved settings dump (Settings.public_dict) back to Settings, without reading the
+    environment again (it was layered in when the dump was made)."""
+    return _SettingsNoEnv.model_validate(config)
 
 
 class _SettingsNoEnv(Settings):

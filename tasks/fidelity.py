@@ -7,18 +7,28 @@ that call's own result withheld, and the simulated result is compared with the r
 - ``structural``: not the same text but the same shape: JSON with the same keys and value types,
   or text that is equal once case, whitespace and numbers are ignored, or both are errors;
 - ``different``: anything else.
+
+With `llm` in the chain, the calls that reach it are put to the simulator endpoint in batches
+(one `asyncio.run` per batch, outside the no_execution guard); its failures count as error
+results, as in a replay.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
-from tasks.toolsim import ToolSimulator
+from tasks.cache import ModelCache
+from tasks.config import Endpoint
+from tasks.models import ChatModel
+from tasks.simulator_llm import LLMSimulator, SimulatorPrompt, failed, load_prompt, tool_schemas
+from tasks.toolsim import LLMRequest, ToolResult, ToolSimulator
 
 _NUMBER = re.compile(r"\d+(\.\d+)?")
 _ERROR = re.compile(r"^(error|\w+: .*(no such file|not found|command not found))", re.I)
@@ -52,11 +62,46 @@ def compare(recorded: str, simulated: str) -> str:
     return "different"
 
 
-def fidelity(conversations: pl.DataFrame, chain: list[str]) -> pl.DataFrame:
-    """One row per recorded, answered call: its tool, the simulator's source and the match."""
+@dataclass
+class _Pending:
+    """A call waiting for the `llm` source: where its row is, and what the simulator needs."""
+
+    row: dict[str, Any]
+    recorded: str
+    request: LLMRequest
+    sim: ToolSimulator
+    tool: dict[str, Any] | None
+    trajectory: list[dict[str, Any]]
+
+
+def _settle(row: dict[str, Any], recorded: str, result: ToolResult) -> None:
+    row["source"] = result.source
+    row["match"] = compare(recorded, result.content)
+
+
+def fidelity(conversations: pl.DataFrame, chain: list[str], *, simulator: Endpoint | None = None,
+             prompt: str = "simulator.yaml", seed: int = 0, cache: ModelCache | None = None,
+             batch: int = 256) -> pl.DataFrame:
+    """One row per recorded, answered call: its tool, the simulator's source and the match.
+
+    Args:
+        conversations: conversation_id, messages and (optionally) tools, as JSON text.
+        chain: the simulator chain (replay.simulator_chain).
+        simulator: the `llm` source's endpoint (models.simulator); needed only when the chain
+            includes llm, else such calls are `simulator_unconfigured` errors.
+        prompt: the simulator prompt file (replay.simulator_prompt).
+        seed: the run seed (used when the endpoint sets none).
+        cache: the model-call cache for simulator calls.
+        batch: calls put to the simulator per `asyncio.run`.
+    """
+    loaded = load_prompt(prompt) if "llm" in chain and simulator is not None else None
+    has_tools = "tools" in conversations.columns
+    cols = ["conversation_id", "messages", *(["tools"] if has_tools else [])]
     rows: list[dict[str, Any]] = []
-    for conv_id, raw in conversations.select("conversation_id", "messages").iter_rows():
-        messages = json.loads(raw)
+    pending: list[_Pending] = []
+    for rec in conversations.select(cols).iter_rows(named=True):
+        messages = json.loads(rec["messages"])
+        tools = tool_schemas(json.loads(rec["tools"]) if has_tools and rec["tools"] else [])
         calls = {c.get("id"): c for m in messages if m.get("role") == "assistant" for c in m.get("tool_calls") or []}
         for k, msg in enumerate(messages):
             call = calls.get(msg.get("tool_call_id")) if msg.get("role") == "tool" else None
@@ -66,10 +111,43 @@ def fidelity(conversations: pl.DataFrame, chain: list[str]) -> pl.DataFrame:
             recorded = content if isinstance(content, str) else json.dumps(content)
             withheld = messages[:k] + messages[k + 1:]
             fn = call.get("function") or {}
-            result = ToolSimulator(withheld, chain).simulate(str(fn.get("name", "")), str(fn.get("arguments") or ""))
-            rows.append({"conversation_id": conv_id, "call_id": call.get("id"), "tool": fn.get("name"),
-                         "source": result.source, "match": compare(recorded, result.content)})
+            name = str(fn.get("name", ""))
+            sim = ToolSimulator(withheld, chain)
+            row: dict[str, Any] = {"conversation_id": rec["conversation_id"], "call_id": call.get("id"),
+                                   "tool": fn.get("name"), "source": None, "match": None}
+            rows.append(row)
+            result = sim.answer(name, str(fn.get("arguments") or ""))
+            if isinstance(result, ToolResult):
+                _settle(row, recorded, result)
+                continue
+            pending.append(_Pending(row, recorded, result, sim, tools.get(name), messages[:k]))
+            if len(pending) >= batch:
+                _answer_pending(pending, simulator, loaded, seed, cache)
+                pending = []
+    if pending:
+        _answer_pending(pending, simulator, loaded, seed, cache)
     return pl.DataFrame(rows, schema=FIDELITY_SCHEMA)
+
+
+def _answer_pending(pending: list[_Pending], endpoint: Endpoint | None, prompt: SimulatorPrompt | None, seed: int,
+                    cache: ModelCache | None) -> None:
+    """Answer a batch of `llm` requests (one event loop, one client) and settle their rows."""
+    if endpoint is None or prompt is None:
+        for p in pending:
+            _settle(p.row, p.recorded, failed(p.request, "simulator_unconfigured",
+                                              "the chain includes llm but no simulator endpoint was given"))
+        return
+
+    async def run() -> list[ToolResult]:
+        llm = LLMSimulator(ChatModel(endpoint, seed, cache=cache), prompt)
+        try:
+            return list(await asyncio.gather(*(llm.answer(p.request, p.tool, p.trajectory, p.sim.state)
+                                               for p in pending)))
+        finally:
+            await llm.aclose()
+
+    for p, result in zip(pending, asyncio.run(run()), strict=True):
+        _settle(p.row, p.recorded, result)
 
 
 def summarise(table: pl.DataFrame) -> dict[str, Any]:

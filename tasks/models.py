@@ -184,17 +184,24 @@ class ChatModel:
         self.cache_hits = 0
 
     def request_body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                     max_tokens: int) -> dict[str, Any]:
-        """The chat-completions body this model sends for a conversation."""
+                     max_tokens: int, response_format: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The chat-completions body this model sends for a conversation.
+
+        `response_format` (structured output) is sent only when given, so bodies (and cache
+        keys) of requests without one are unchanged.
+        """
         body: dict[str, Any] = {"model": self.endpoint.model, "messages": messages,
                                 "temperature": self.endpoint.temperature, "seed": self.seed,
                                 "max_tokens": max_tokens}
         if tools:
             body["tools"] = tools
+        if response_format is not None:
+            body["response_format"] = response_format
         return body
 
     async def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                   max_tokens: int, *, deadline_s: float | None = None) -> ChatResult:
+                   max_tokens: int, *, deadline_s: float | None = None,
+                   response_format: dict[str, Any] | None = None) -> ChatResult:
         """One chat completion, from the cache when the same request was answered before.
 
         Args:
@@ -203,12 +210,14 @@ class ChatModel:
             max_tokens: completion token limit.
             deadline_s: wall-clock limit for the call once it holds a concurrency slot
                 (retries and back-offs included); None = no limit beyond the endpoint's.
+            response_format: the body's `response_format` (e.g. a JSON schema); part of the
+                request, hence of the cache key. None = not sent.
 
         Raises:
             ModelCallError: the endpoint failed for good (non-retryable, or retries spent).
             BudgetExceeded: deadline_s passed before an answer.
         """
-        body = encode_body(self.request_body(messages, tools, max_tokens))
+        body = encode_body(self.request_body(messages, tools, max_tokens, response_format))
         key = self.cache.key(self.endpoint.base_url, body) if self.cache is not None else None
         if key is not None and self.cache is not None:
             entry = self.cache.get(key)

@@ -74,11 +74,12 @@ TRAJECTORY_SCHEMA: dict[str, PolarsDataType] = {
     "side": pl.String,              # candidate | baseline
     "model": pl.String,
     "messages": pl.String,          # JSON: the turn's assistant/tool messages
-    "tool_results": pl.String,      # JSON: [{call_id, name, source, effects}]
-    "finish": pl.String,            # answered | step_limit | error
+    "tool_results": pl.String,      # JSON: [{call_id, name, source, effects, error[, reason]}]
+    "finish": pl.String,            # answered | step_limit | budget | refused | error
     "error": pl.String,
     "steps": pl.Int64,
     "model_calls": pl.Int64,
+    "retries": pl.Int64,            # retries spent by the turn's model calls (0 for baseline turns)
     "prompt_tokens": pl.Int64,
     "completion_tokens": pl.Int64,
     "latency_s": pl.Float64,

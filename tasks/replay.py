@@ -14,6 +14,11 @@ answered, refused or reached the step limit:
                 malformed_response, max_tokens, internal
 
 Turns in == turns out, always: a fault in one turn never loses it or stops the others.
+
+With `llm` in the simulator chain, a call the recording and the rules cannot answer goes to the
+LLM simulator (tasks/simulator_llm.py, endpoint models.simulator) outside the no_execution
+guard; if it fails, the call gets a tool error result with source `error` and a `reason` in its
+tool_results entry, and the turn goes on.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from typing import Any
 import polars as pl
 
 from tasks.cache import ModelCache
-from tasks.config import Endpoint, ReplayCfg
+from tasks.config import Endpoint, Models, ReplayCfg
 from tasks.models import BudgetExceeded, ChatModel, ChatResult, ModelCallError
 from tasks.records import TRAJECTORY_SCHEMA
-from tasks.toolsim import ToolResult, ToolSimulator, classify_effects
+from tasks.simulator_llm import LLMSimulator, failed, tool_schemas
+from tasks.toolsim import LLMRequest, ToolResult, ToolSimulator, classify_effects
 
 # One row per model call of a replay (stats["calls"] of replay_sample).
 CALL_SCHEMA = {
@@ -51,8 +57,9 @@ def _declared(tools: list[dict[str, Any]]) -> set[str]:
             if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]}
 
 
-def _answer_call(sim: ToolSimulator, declared: set[str], name: str, arguments: str) -> ToolResult:
-    """The simulated result of one tool call; a call to an undeclared tool is a tool error."""
+def _answer_call(sim: ToolSimulator, declared: set[str], name: str, arguments: str) -> ToolResult | LLMRequest:
+    """The simulated result of one tool call (or a request for the `llm` source); a call to an
+    undeclared tool is a tool error."""
     if name not in declared:
         try:
             args = json.loads(arguments) if arguments.strip() else {}
@@ -61,7 +68,24 @@ def _answer_call(sim: ToolSimulator, declared: set[str], name: str, arguments: s
         known = ", ".join(sorted(declared)) or "none"
         return ToolResult(f"Error: no tool named {name!r} exists here (available: {known})", "error",
                           classify_effects(name, args if isinstance(args, dict) else {"_raw": args}), True)
-    return sim.simulate(name, arguments)
+    return sim.answer(name, arguments)
+
+
+async def _ask_llm(simulator: LLMSimulator | None, sim: ToolSimulator, req: LLMRequest,
+                   tools: list[dict[str, Any]], trajectory: list[dict[str, Any]]) -> ToolResult:
+    """Put a call to the `llm` source (outside the guard) and fold its result into the world."""
+    if simulator is None:
+        return failed(req, "simulator_unconfigured", "the chain includes llm but no simulator endpoint was given")
+    res = await simulator.answer(req, tool_schemas(tools).get(req.name), trajectory, sim.state)
+    sim.learn(req, res)
+    return res
+
+
+def _result_entry(call_id: str, name: str, res: ToolResult) -> dict[str, Any]:
+    entry = {"call_id": call_id, "name": name, "source": res.source, "effects": res.effects, "error": res.is_error}
+    if res.reason is not None:
+        entry["reason"] = res.reason
+    return entry
 
 
 def _call_row(turn_id: str | None, step: int, out: ChatResult | None, err: str | None = None,
@@ -76,7 +100,8 @@ def _call_row(turn_id: str | None, step: int, out: ChatResult | None, err: str |
 
 async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                      user_idx: int, cfg: ReplayCfg, *, turn_id: str | None = None,
-                     call_log: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                     call_log: list[dict[str, Any]] | None = None,
+                     simulator: LLMSimulator | None = None) -> dict[str, Any]:
     """Regenerate the turn after messages[user_idx].
 
     Args:
@@ -88,11 +113,14 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
         cfg: step limit, token and time budgets, simulator chain.
         turn_id: names the turn in call_log rows.
         call_log: when given, one CALL_SCHEMA row per model call is appended to it.
+        simulator: the `llm` source, used when cfg.simulator_chain includes llm (None: such
+            calls get a `simulator_unconfigured` error result).
 
     Returns:
         A trajectory record (the TRAJECTORY_SCHEMA fields after turn_id, conversation_id,
         side and model). `model_calls` counts requests sent for this turn (cache hits excluded),
-        `steps` the model answers it used.
+        `retries` the retries those requests needed, `steps` the model answers it used; the
+        simulator's own calls are not counted in either.
     """
     prefix = messages[: user_idx + 1]
     sim: ToolSimulator | None = None  # built on the first tool call: many turns make none
@@ -100,7 +128,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
     new: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     rec: dict[str, Any] = {"finish": "step_limit", "error": None, "steps": 0, "model_calls": 0,
-                           "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
+                           "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
     log = call_log if call_log is not None else []
     t_start, queued = time.perf_counter(), 0.0
     for step in range(cfg.step_limit):
@@ -119,6 +147,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
             break
         except ModelCallError as exc:
             rec["model_calls"] += 1
+            rec["retries"] += exc.retries
             rec["latency_s"] += exc.latency_s
             rec.update(finish="error", error=f"{exc.reason}: {exc.detail}"[:300])
             log.append(_call_row(turn_id, step, None, rec["error"], exc.retries, exc.latency_s))
@@ -127,6 +156,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
         log.append(_call_row(turn_id, step, out))
         rec["steps"] += 1
         rec["model_calls"] += 0 if out.cached else 1
+        rec["retries"] += out.retries
         rec["prompt_tokens"] += out.prompt_tokens
         rec["completion_tokens"] += out.completion_tokens
         rec["latency_s"] += out.latency_s
@@ -148,9 +178,10 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
         for call in calls:
             fn = call["function"]
             res = _answer_call(sim, declared, fn["name"], fn.get("arguments") or "")
+            if isinstance(res, LLMRequest):
+                res = await _ask_llm(simulator, sim, res, tools, prefix + new)
             new.append({"role": "tool", "tool_call_id": call["id"], "name": fn["name"], "content": res.content})
-            results.append({"call_id": call["id"], "name": fn["name"], "source": res.source,
-                            "effects": res.effects, "error": res.is_error})
+            results.append(_result_entry(call["id"], fn["name"], res))
         used = rec["prompt_tokens"] + rec["completion_tokens"]
         if cfg.token_budget is not None and used >= cfg.token_budget:
             rec.update(finish="budget", error=f"token_budget: {used} tokens used of {cfg.token_budget}")
@@ -162,7 +193,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
 
 def _internal_error(exc: BaseException, t0: float) -> dict[str, Any]:
     return {"finish": "error", "error": f"internal: {type(exc).__name__}: {exc}"[:300], "steps": 0,
-            "model_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+            "model_calls": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0,
             "latency_s": time.perf_counter() - t0, "messages": "[]", "tool_results": "[]"}
 
 
@@ -170,7 +201,8 @@ async def replay_sample(sample: pl.DataFrame, conversations: pl.DataFrame, endpo
                         cfg: ReplayCfg, seed: int,
                         progress: Callable[[int], None] | None = None, *,
                         cache: ModelCache | None = None,
-                        stats: dict[str, Any] | None = None) -> tuple[pl.DataFrame, int]:
+                        stats: dict[str, Any] | None = None,
+                        simulator: Endpoint | None = None) -> tuple[pl.DataFrame, int]:
     """Replay every sampled turn through the candidate.
 
     Args:
@@ -182,7 +214,12 @@ async def replay_sample(sample: pl.DataFrame, conversations: pl.DataFrame, endpo
         progress: called with 1 after each turn.
         cache: the model-call cache; a hit is not a model call.
         stats: when given, receives `model_calls`, `cache_hits`, `retries`, `turns` and `calls`
-            (one CALL_SCHEMA row per model call, a DataFrame).
+            (one CALL_SCHEMA row per model call, a DataFrame), all of the candidate; with `llm`
+            in the chain also `simulator_calls`, `simulator_cache_hits`, `simulator_retries`
+            and `simulator_failures` (by reason kind).
+        simulator: the `llm` source's endpoint (models.simulator), used when the chain includes
+            llm. None with a synthetic:// candidate means the default synthetic simulator; None
+            with any other candidate leaves such calls unanswered (`simulator_unconfigured`).
 
     Returns:
         (trajectories, model calls): one trajectory per sampled turn, in sample order, and the
@@ -190,6 +227,7 @@ async def replay_sample(sample: pl.DataFrame, conversations: pl.DataFrame, endpo
     """
     if cache is None and cfg.cache_dir:
         cache = ModelCache(cfg.cache_dir)
+    llm = _open_simulator(cfg, endpoint, simulator, seed, cache)  # reads its prompt: fails early
     model = ChatModel(endpoint, seed, cache=cache)
     convs = {r["conversation_id"]: r for r in
              conversations.select("conversation_id", "messages", "tools").iter_rows(named=True)}
@@ -205,7 +243,7 @@ async def replay_sample(sample: pl.DataFrame, conversations: pl.DataFrame, endpo
             messages = json.loads(conv["messages"])
             tools = json.loads(conv["tools"]) if conv["tools"] else []
             rec = await replay_one(model, messages, tools, row["user_msg_index"], cfg,
-                                   turn_id=row["turn_id"], call_log=call_log)
+                                   turn_id=row["turn_id"], call_log=call_log, simulator=llm)
         except Exception as exc:  # an unexpected fault still yields the turn, with its reason
             rec = _internal_error(exc, t0)
         return {"turn_id": row["turn_id"], "conversation_id": row["conversation_id"], "side": "candidate",
@@ -223,10 +261,31 @@ async def replay_sample(sample: pl.DataFrame, conversations: pl.DataFrame, endpo
         await asyncio.gather(*(worker() for _ in range(n_workers)))
     finally:
         await model.aclose()
+        if llm is not None:
+            await llm.aclose()
     if stats is not None:
         stats.update(model_calls=model.calls, cache_hits=model.cache_hits, retries=model.retries,
                      turns=len(rows), calls=pl.DataFrame(call_log, schema=CALL_SCHEMA))
+        if llm is not None:
+            stats.update(llm.stats())
     return pl.DataFrame(out, schema=TRAJECTORY_SCHEMA), model.calls
+
+
+def _open_simulator(cfg: ReplayCfg, candidate: Endpoint, simulator: Endpoint | None, seed: int,
+                    cache: ModelCache | None) -> LLMSimulator | None:
+    """The `llm` source for a replay, or None when the chain has no llm or no endpoint for it.
+
+    A synthetic candidate without an explicit simulator gets the synthetic world's own
+    (Models().simulator): never a real endpoint by default, and no synthetic answers in a run
+    against a real candidate.
+    """
+    if "llm" not in cfg.simulator_chain:
+        return None
+    if simulator is None and candidate.synthetic:
+        simulator = Models().simulator
+    if simulator is None:
+        return None
+    return LLMSimulator.open(simulator, seed, cfg.simulator_prompt, cache)
 
 
 def baseline_trajectories(sample: pl.DataFrame, conversations: pl.DataFrame) -> pl.DataFrame:
@@ -242,5 +301,5 @@ def baseline_trajectories(sample: pl.DataFrame, conversations: pl.DataFrame) -> 
                      "model": conv["model"], "messages": json.dumps(body, ensure_ascii=False),
                      "tool_results": "[]", "finish": "answered" if has else "error",
                      "error": None if has else "no logged response", "steps": sum(m.get("role") == "assistant" for m in body),
-                     "model_calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0})
+                     "model_calls": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0})
     return pl.DataFrame(rows, schema=TRAJECTORY_SCHEMA)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,36 +109,12 @@ def load_priors(prior: str | None, turns: pl.DataFrame, valid: pl.DataFrame, str
 
 
 def stage_replay(sample: pl.DataFrame, valid: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Replay in chunks (each written as it completes) through the model-call cache.
+    """Replay chunk by chunk in this process (the flow maps `replay_chunk` as tasks instead).
 
     Returns the trajectories and counts: model_calls (requests sent), cache_hits, retries.
     """
-    frames, call_logs, done = [], [], 0
-    counts = {"model_calls": 0, "cache_hits": 0, "retries": 0}
-    cache = ModelCache(cache_dir(s, store)) if s.replay.cache else None
-    cfg = s.replay if s.replay.cache else s.replay.model_copy(update={"cache_dir": None})
-    size = s.replay.chunk_size
-    for i, start in enumerate(range(0, sample.height, size)):
-        chunk = sample.slice(start, size)
-
-        def tick(k: int) -> None:
-            nonlocal done
-            done += k
-            report("replay", done, sample.height)
-
-        stats: dict[str, Any] = {}
-        traj, _ = asyncio.run(replay_sample(chunk, valid, s.models.candidate, cfg, s.run.seed, tick,
-                                            cache=cache, stats=stats))
-        store.write(f"trajectories_chunk_{i:05d}", traj)
-        frames.append(traj)
-        call_logs.append(stats["calls"])
-        for key in counts:
-            counts[key] += int(stats[key])
-    traj = pl.concat(frames) if frames else pl.DataFrame()
-    store.write("trajectories", traj)
-    if call_logs:
-        store.write("model_calls", pl.concat(call_logs))
-    return traj, counts
+    chunks = plan_chunks(sample, valid, s.replay.chunk_size)
+    return combine_chunks([replay_chunk(c, s, store) for c in chunks], store)
 
 
 def cache_dir(s: Settings, store: RunStore) -> str:
@@ -144,6 +123,137 @@ def cache_dir(s: Settings, store: RunStore) -> str:
         return s.replay.cache_dir
     root = s.run.store if not s.run.store.startswith("s3://") else ".depsim"
     return str(Path(root) / "cache" / "models")
+
+
+@dataclass(frozen=True)
+class ReplayChunk:
+    """One chunk of the sample and only the conversations its turns need (what a worker gets)."""
+
+    index: int
+    start: int                     # position of the chunk's first turn in the sample
+    total: int                     # turns in the whole sample (for progress)
+    sample: pl.DataFrame
+    conversations: pl.DataFrame
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What a replayed chunk returns; its tables are in the run store (`chunk_table_names`)."""
+
+    index: int
+    turns: int
+    counts: dict[str, int]         # replay_sample's integer stats: model_calls, cache_hits, retries, ...
+    worker: str                    # host:pid of the process that replayed it
+    resumed: bool = False          # found complete in the store: nothing replayed this time
+
+
+class ReplayChunksFailed(RuntimeError):
+    """Some replay chunks failed; the others are in the run store and the model-call cache."""
+
+    def __init__(self, failures: dict[int, BaseException], n_chunks: int, store_uri: str) -> None:
+        first = next(iter(failures.values()))
+        super().__init__(
+            f"replay: {len(failures)} of {n_chunks} chunks failed (chunk "
+            f"{', '.join(str(i) for i in sorted(failures))}): {type(first).__name__}: {first}; "
+            f"the completed chunks are in {store_uri} and their model calls in the cache, so a "
+            "rerun repeats only the failed chunks' calls")
+        self.failures = failures
+
+
+def plan_chunks(sample: pl.DataFrame, valid: pl.DataFrame, size: int) -> list[ReplayChunk]:
+    """Cut the sample into chunks of `size` turns, each with the conversations it replays.
+
+    An empty sample is one empty chunk, so the combined tables always have their schemas.
+    """
+    keys = (sample.select("conversation_id", chunk=pl.int_range(pl.len()) // size)
+            .unique(["conversation_id", "chunk"]))
+    convs = valid.join(keys, on="conversation_id").partition_by("chunk", as_dict=True, include_key=False)
+    n_chunks = max(1, -(-sample.height // size))
+    return [ReplayChunk(i, i * size, sample.height, sample.slice(i * size, size),
+                        convs.get((i,), valid.clear()))
+            for i in range(n_chunks)]
+
+
+def chunk_table_names(index: int) -> tuple[str, str, str]:
+    """(trajectories, model-call log, manifest) names of a chunk in the run store."""
+    return (f"trajectories_chunk_{index:05d}", f"model_calls_chunk_{index:05d}",
+            f"replay_chunk_{index:05d}.json")
+
+
+def replay_chunk(chunk: ReplayChunk, s: Settings, store: RunStore) -> ChunkOutcome:
+    """Replay one chunk through the model-call cache and write its tables to the run store.
+
+    The manifest is written last, so a chunk whose manifest names its turns is complete: run
+    again under the same run key (a task retry, a rescheduled Dask task) it is not replayed.
+    """
+    done = _completed_chunk(chunk, store)
+    if done is not None:
+        report("replay", chunk.start + done.turns, chunk.total)
+        return done
+    cache = ModelCache(cache_dir(s, store)) if s.replay.cache else None
+    cfg = s.replay if s.replay.cache else s.replay.model_copy(update={"cache_dir": None})
+    ticked = 0
+
+    def tick(k: int) -> None:
+        nonlocal ticked
+        ticked += k
+        report("replay", chunk.start + ticked, chunk.total)
+
+    stats: dict[str, Any] = {}
+    traj, _ = asyncio.run(replay_sample(chunk.sample, chunk.conversations, s.models.candidate, cfg,
+                                        s.run.seed, tick, cache=cache, stats=stats,
+                                        simulator=s.models.simulator))
+    if traj.height != chunk.sample.height:
+        raise RuntimeError(f"replay chunk {chunk.index}: {chunk.sample.height} turns in, {traj.height} out")
+    traj_name, calls_name, manifest = chunk_table_names(chunk.index)
+    store.write(traj_name, traj)
+    store.write(calls_name, stats["calls"])
+    counts = {k: v for k, v in stats.items() if type(v) is int and k != "turns"}
+    outcome = ChunkOutcome(chunk.index, traj.height, counts, f"{socket.gethostname()}:{os.getpid()}")
+    store.write_json(manifest, {**asdict(outcome), "turn_ids": chunk.sample["turn_id"].to_list()})
+    return outcome
+
+
+def _completed_chunk(chunk: ReplayChunk, store: RunStore) -> ChunkOutcome | None:
+    """The outcome of this chunk already in the store's local folder, if complete."""
+    traj_name, calls_name, manifest = chunk_table_names(chunk.index)
+    try:
+        data = json.loads((store.local / manifest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tables = all((store.local / f"{name}.parquet").is_file() for name in (traj_name, calls_name))
+    if not tables or data.get("turn_ids") != chunk.sample["turn_id"].to_list():
+        return None
+    return ChunkOutcome(data["index"], data["turns"], data["counts"], data["worker"], resumed=True)
+
+
+def combine_chunks(outcomes: list[ChunkOutcome], store: RunStore) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Concatenate the chunk tables (in chunk order) into `trajectories` and `model_calls`.
+
+    Returns the trajectories and the chunks' counts summed (model_calls, cache_hits, retries, ...).
+    """
+    ordered = sorted(outcomes, key=lambda o: o.index)
+    names = [chunk_table_names(o.index) for o in ordered]
+    traj = pl.concat([_read_table(store, t) for t, _, _ in names])
+    if traj.height != sum(o.turns for o in ordered):
+        raise RuntimeError(f"replay: the chunk tables hold {traj.height} turns, the chunks replayed "
+                           f"{sum(o.turns for o in ordered)}")
+    store.write("trajectories", traj)
+    store.write("model_calls", pl.concat([_read_table(store, c) for _, c, _ in names]))
+    counts: Counter[str] = Counter({"model_calls": 0, "cache_hits": 0, "retries": 0})
+    for o in ordered:
+        counts.update(o.counts)
+    return traj, dict(counts)
+
+
+def _read_table(store: RunStore, name: str) -> pl.DataFrame:
+    """A table of this run: the local copy, else the store's (a chunk written by another machine)."""
+    path = store.local / f"{name}.parquet"
+    if path.is_file() or not store.s3:
+        return pl.read_parquet(path)
+    from tasks.store import s3_read_bytes
+
+    return pl.read_parquet(s3_read_bytes(f"{store.uri}/{name}.parquet"))
 
 
 def stage_judge(candidate: pl.DataFrame, sample: pl.DataFrame, valid: pl.DataFrame, s: Settings,

@@ -2,8 +2,21 @@
 
 A call goes through the configured chain — `recorded` (an equivalent call in the recording
 returns its recorded result), then `rules` (deterministic emulators for shell, files, git, SQL
-and HTTP over a per-replay world state seeded from the recording) — and comes back with its
-`source`. Every call is classified by effect on the way in.
+and HTTP over a per-replay world state seeded from the recording), then `llm` (an LLM simulator,
+tasks/simulator_llm.py) — and comes back with its `source`. Every call is classified by effect
+on the way in.
+
+The synchronous sources run here, under the `no_execution` guard. The `llm` source needs the
+network, so it cannot run under the guard: `ToolSimulator.answer` returns an `LLMRequest` when
+the chain reaches `llm` with no earlier source answering, the caller (tasks/replay.py,
+tasks/fidelity.py) puts it to the simulator endpoint, and `ToolSimulator.learn` folds the
+result back into the world state (under the guard again). `llm` answers every call that
+reaches it (or fails with a reason), so sources listed after it are never tried.
+
+With `llm` after `rules` in the chain, the emulators decline what they could only guess — a
+read of a file the world state has never seen, a shell command they do not emulate — so the
+LLM simulator answers those instead; without `llm` they answer as before ("file not found",
+empty output).
 """
 
 from __future__ import annotations
@@ -73,6 +86,7 @@ _DESTRUCTIVE = re.compile(
 _SECRET = re.compile(r"\.env\b|\.ssh/|/etc/shadow|\.aws/|credentials|secret|id_rsa|\bprintenv\b|\benv\b\s*$", re.I)
 _PRIV = re.compile(r"\bsudo\b|\bchmod\s+(-R\s+)?[0-7]*7[0-7]*\b|\bchown\b|\bsetuid\b|\bsu\s+-|\bssh\s+\S*root@", re.I)
 _EGRESS = re.compile(r"\b(curl|wget|scp|rsync|nc|ncat|ssh|ftp)\b|https?://", re.I)
+_TEST_CMD = re.compile(r"\b(pytest|npm test|go test)\b")
 _WRITE_CMD = re.compile(r"(^|[;&|]\s*)(sudo\s+(-\S+\s+)*)?(rm|mv|cp|touch|mkdir|tee|sed\s+-i|git\s+(commit|push|checkout|reset|merge|rebase)|pip\s+install|npm\s+install)\b|>", re.I)
 
 
@@ -138,9 +152,19 @@ def normalise_args(raw: Any) -> str:
 @dataclass
 class ToolResult:
     content: str
-    source: str            # recorded | rules | error
+    source: str            # recorded | rules | llm | error
     effects: list[str]
     is_error: bool = False
+    reason: str | None = None  # why the simulator (not the tool) failed: "<kind>: <detail>"
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """A call no synchronous source answered, for the `llm` source (run outside the guard)."""
+
+    name: str
+    args: dict[str, Any]
+    effects: list[str]
 
 
 @dataclass
@@ -168,11 +192,19 @@ def _recorded_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str, Any,
     return pairs
 
 
+def _llm_follows_rules(chain: list[str]) -> bool:
+    """Whether `llm` can answer what `rules` decline (it comes later in the chain, or alone)."""
+    if "llm" not in chain:
+        return False
+    return "rules" not in chain or chain.index("llm") > chain.index("rules")
+
+
 class ToolSimulator:
     """Answers a replay's tool calls. One instance per replayed turn (its own world state)."""
 
     def __init__(self, recording: list[dict[str, Any]], chain: list[str]) -> None:
         self.chain = chain
+        self._defer = _llm_follows_rules(chain)
         self.recorded: dict[tuple[str, str], str] = {}
         self.state = WorldState()
         for name, norm, raw, content in _recorded_pairs(recording):
@@ -193,15 +225,46 @@ class ToolSimulator:
         elif lname in WRITE_TOOLS and "path" in parsed:
             self.state.files[parsed["path"]] = str(parsed.get("content", ""))
         cmd = str(parsed.get("command", ""))
-        if re.search(r"\b(pytest|npm test|go test)\b", cmd):
+        if _TEST_CMD.search(cmd):
             self.state.last_test_output = content
 
     def simulate(self, name: str, arguments: str) -> ToolResult:
-        """Answer one call. Never executes: the no_execution guard makes sure of it."""
-        with no_execution():
-            return self._simulate(name, arguments)
+        """Answer one call from the synchronous sources only (`llm` in the chain is skipped).
 
-    def _simulate(self, name: str, arguments: str) -> ToolResult:
+        Never executes: the no_execution guard makes sure of it.
+        """
+        with no_execution():
+            out = self._run_chain(name, arguments, llm=False)
+        return out if isinstance(out, ToolResult) else unavailable(out.name, out.effects)
+
+    def answer(self, name: str, arguments: str) -> ToolResult | LLMRequest:
+        """Answer one call, or hand it on to the `llm` source when the chain gets that far.
+
+        The synchronous sources run under the no_execution guard; an `LLMRequest` is for the
+        caller to put to the LLM simulator (outside the guard) and then pass to `learn`.
+        """
+        with no_execution():
+            return self._run_chain(name, arguments, llm=True)
+
+    def learn(self, request: LLMRequest, result: ToolResult) -> None:
+        """Fold an `llm` result into the world state, so later calls see what it implied.
+
+        A write or an edit lands in the files (as the rules emulators apply it) and a test run
+        sets the last test output. File content the simulator only imagined (a read of an
+        unseen file) is not fixed into the world: a later edit of that file is not rejected
+        for missing imagined text, and the trajectory keeps the answer for the simulator's
+        own consistency. Error results teach nothing.
+        """
+        if result.is_error:
+            return
+        lname = request.name.lower()
+        with no_execution():
+            if lname in WRITE_TOOLS or lname in EDIT_TOOLS:
+                self._rules(lname, request.args, defer=False)
+            elif _TEST_CMD.search(str(request.args.get("command", ""))):
+                self.state.last_test_output = result.content
+
+    def _run_chain(self, name: str, arguments: str, llm: bool) -> ToolResult | LLMRequest:
         try:
             args = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
@@ -218,10 +281,12 @@ class ToolSimulator:
                     self._seed_state(name, args, hit)
                     return ToolResult(hit, "recorded", effects)
             elif source == "rules":
-                out = self._rules(name.lower(), args)
+                out = self._rules(name.lower(), args, defer=llm and self._defer)
                 if out is not None:
                     return ToolResult(out, "rules", effects)
-        return ToolResult(f"Error: tool {name!r} is not available in this environment", "error", effects, True)
+            elif source == "llm" and llm:
+                return LLMRequest(name, args, effects)
+        return unavailable(name, effects)
 
     def _sees_changed_state(self, args: dict[str, Any]) -> bool:
         if not self.state.changed:
@@ -230,12 +295,19 @@ class ToolSimulator:
         return any(p and p in text for p in self.state.changed)
 
     # --- rule emulators ---------------------------------------------------------------
-    def _rules(self, name: str, args: dict[str, Any]) -> str | None:
+    def _rules(self, name: str, args: dict[str, Any], defer: bool = False) -> str | None:
+        """The emulated output, or None when there is no emulator for the call.
+
+        With `defer`, calls the emulators could only guess at (an unseen file, an unknown
+        command) are declined too, for the `llm` source.
+        """
         st = self.state
         if name in READ_TOOLS:
             path = str(args.get("path", ""))
             if path in st.files and path not in st.deleted:
                 return st.files[path]
+            if defer and path not in st.deleted:
+                return None
             return f"Error: file not found: {path}"
         if name in WRITE_TOOLS:
             path, content = str(args.get("path", "")), str(args.get("content", ""))
@@ -267,10 +339,12 @@ class ToolSimulator:
             method = str(args.get("method", "GET")).upper()
             return json.dumps({"status": 200 if method == "GET" else 201, "body": "ok"})
         if name in SHELL_TOOLS:
-            return self._shell(str(args.get("command", "")))
+            out = self._shell(str(args.get("command", "")))
+            return None if out is None and defer else (out or "")
         return None
 
-    def _shell(self, command: str) -> str:
+    def _shell(self, command: str) -> str | None:
+        """Emulated output of a command line; None for a program no emulator knows."""
         st = self.state
         try:
             argv = shlex.split(command)
@@ -309,10 +383,15 @@ class ToolSimulator:
                     "diff": f" {len(st.files)} files changed", "log": "commit 0000000 (HEAD)\n    previous work",
                     "commit": "[main 1a2b3c4] commit", "push": "Everything up-to-date",
                     "reset": "HEAD is now at 1a2b3c4"}.get(sub, "")
-        if re.search(r"\b(pytest|npm test|go test)\b", command):
+        if _TEST_CMD.search(command):
             return st.last_test_output or "12 passed in 0.42s"
         if prog in ("pip", "npm") and "install" in argv:
             return "Successfully installed packages"
         if prog in ("curl", "wget"):
             return '{"status": "ok"}'
-        return ""
+        return None
+
+
+def unavailable(name: str, effects: list[str]) -> ToolResult:
+    """The error result for a call no source of the chain answered."""
+    return ToolResult(f"Error: tool {name!r} is not available in this environment", "error", effects, True)

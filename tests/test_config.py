@@ -63,3 +63,25 @@ def test_secret_comes_from_env_and_never_from_dumps(monkeypatch: pytest.MonkeyPa
     s = load_settings(overrides={"models": {"candidate": {"api_key_env": "MY_TEST_KEY"}}})
     dumped = json.dumps(s.public_dict())
     assert "MY_TEST_KEY" in dumped and "sk-very-secret-123" not in dumped
+
+
+def test_resolved_dump_is_not_re_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flow rebuilds Settings from the CLI's dump; a YAML-style env list must not break that."""
+    from tasks.config import settings_from_dict
+
+    monkeypatch.setenv("DEPSIM_REPLAY__SIMULATOR_CHAIN", "[recorded, rules, llm]")
+    s = load_settings()
+    assert s.replay.simulator_chain == ["recorded", "rules", "llm"]
+    again = settings_from_dict(s.public_dict())
+    assert again.replay.simulator_chain == ["recorded", "rules", "llm"]
+    monkeypatch.setenv("DEPSIM_REPLAY__SIMULATOR_CHAIN", "[recorded]")
+    assert settings_from_dict(s.public_dict()).replay.simulator_chain == ["recorded", "rules", "llm"]
+
+
+def test_llm_source_with_real_candidate_needs_a_real_simulator() -> None:
+    real = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    with pytest.raises(ConfigError, match=r"models\.simulator is the SYNTHETIC simulator"):
+        load_settings(overrides={"replay": {"simulator_chain": ["recorded", "llm"]}, "models": {"candidate": real}})
+    s = load_settings(overrides={"replay": {"simulator_chain": ["recorded", "llm"]},
+                                 "models": {"candidate": real, "simulator": real}})
+    assert not s.models.simulator.synthetic

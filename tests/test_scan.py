@@ -144,7 +144,8 @@ def test_sample_cli_bad_input_one_line_nothing_written(tmp_path: Path, nested: P
                  *[a.format(cfg=cfg) for a in args]], cwd=tmp_path)
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("[")]  # not progress lines
+    assert len(errors) == 1 and errors[0].startswith("error: ")
     assert not out.exists() and not list(tmp_path.glob(".s.*"))
 
 

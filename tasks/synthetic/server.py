@@ -1,7 +1,9 @@
 """The SYNTHETIC world behind an OpenAI-compatible chat-completions API (ASGI).
 
 Reached with the real `openai` client: in-process through `httpx.ASGITransport`, or on a
-loopback port with `depsim serve-synthetic --port N` (uvicorn).
+loopback port with `depsim serve-synthetic --port N` (uvicorn). Requests are routed by model
+name: the scripted agent profiles (tasks/synthetic/agent.py) and the tool simulator
+`synthetic-simulator` (tasks/synthetic/simulator.py).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import time
 import uuid
 from typing import Any
 
+from tasks.synthetic import simulator
 from tasks.synthetic.agent import respond
 from tasks.synthetic.profiles import PROFILE_NAMES
 
 Scope = dict[str, Any]
+MODEL_NAMES: tuple[str, ...] = (*PROFILE_NAMES, simulator.MODEL)
 
 
 def _tokens(obj: Any) -> int:
@@ -25,15 +29,21 @@ def chat_completion(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Answer one chat-completions request body; returns (HTTP status, JSON body)."""
     model = body.get("model")
     messages = body.get("messages")
-    if model not in PROFILE_NAMES:
+    if model not in MODEL_NAMES:
         return 404, {"error": {"message": f"The model `{model}` does not exist in the synthetic world "
-                               f"(available: {', '.join(PROFILE_NAMES)})", "type": "invalid_request_error",
+                               f"(available: {', '.join(MODEL_NAMES)})", "type": "invalid_request_error",
                                "code": "model_not_found"}}
     if not isinstance(messages, list) or not messages:
         return 400, {"error": {"message": "messages must be a non-empty list", "type": "invalid_request_error"}}
     seed = body.get("seed")
     seed = int(seed) if isinstance(seed, int) else 0
-    out = respond(model, seed, messages, body.get("tools"))
+    if model == simulator.MODEL:
+        try:
+            out = simulator.respond(messages, body.get("response_format"))
+        except simulator.BadRequest as exc:
+            return 400, {"error": {"message": str(exc), "type": "invalid_request_error", "param": "response_format"}}
+    else:
+        out = respond(model, seed, messages, body.get("tools"))
     prompt_tokens = _tokens(messages)
     completion_tokens = _tokens(out["message"])
     return 200, {
@@ -51,7 +61,7 @@ def chat_completion(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 
 def models_list() -> dict[str, Any]:
     return {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
-                                        "owned_by": "depsim-synthetic"} for m in PROFILE_NAMES]}
+                                        "owned_by": "depsim-synthetic"} for m in MODEL_NAMES]}
 
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
