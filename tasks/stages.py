@@ -319,6 +319,7 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                     "sample.empty_strata": len(ctx["representativeness"]["empty_strata"]),
                     "replay.model_calls": ctx["model_calls"], "replay.cache_hits": ctx["cache_hits"],
                     "replay.retries": ctx["retries"],
+                    **{f"replay.{k}": v for k, v in ctx.items() if k.startswith("simulator_") and isinstance(v, int)},
                     "replay.errors": sum(v for k, v in ctx["finish_counts"].items() if k != "answered"),
                     **{f"replay.finish.{k}": v for k, v in ctx["finish_counts"].items()},
                     **{f"replay.error.{k}": v for k, v in ctx["error_counts"].items()},

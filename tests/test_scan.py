@@ -65,10 +65,14 @@ def test_json_text_messages_scan_equals_full_loader_turns(tmp_path: Path, rows: 
 
 
 def test_same_sample_from_scan_and_full_loader(nested: Path) -> None:
-    for allocation, strata in (("proportional", ["surface", "task_type", "uses_tools"]),
-                               ("equal", ["task_type", "prefix_bucket"])):
-        s = load_settings(overrides={"run": {"data": str(nested), "seed": 5},
-                                     "sample": {"n": 120, "allocation": allocation, "strata": strata}})
+    filters = {"surfaces": ["ide", "cli"], "languages": ["python"], "min_prefix_len": 3,
+               "created_after": "2026-10-05T00:00:00Z", "turns": "random", "turns_per_conversation": 1}
+    for allocation, strata, extra in (("proportional", ["surface", "task_type", "uses_tools"], {}),
+                                      ("equal", ["task_type", "prefix_bucket"], {}),
+                                      ("proportional", ["surface", "language"], filters)):
+        s = load_settings(overrides={"run": {"data": str(nested), "seed": 5,
+                                             "production_models": ["synthetic-agent-v1"]},
+                                     "sample": {"n": 120, "allocation": allocation, "strata": strata, **extra}})
         lazy, lazy_table, pop, _, _ = draw_sample_scan(s)
         full, full_table, pop_full, _ = draw_sample(contract_check(load_raw(str(nested)), s).valid, s)
         assert pop == pop_full

@@ -438,4 +438,5 @@ def test_run_with_the_llm_source_logs_its_share(tmp_path: Path) -> None:
     assert traj.schema == pl.Schema(TRAJECTORY_SCHEMA) and traj.height == 40
     llm = [r for t in traj["tool_results"] for r in json.loads(t) if r["source"] == "llm"]
     assert len(llm) == metrics["tools.source.llm"]
+    assert metrics["replay.simulator_calls"] + metrics["replay.simulator_cache_hits"] == len(llm)
     assert f"llm {len(llm)}" in Path(out["report"]).read_text()   # the report's source mix
