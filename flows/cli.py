@@ -57,6 +57,11 @@ def _fail(message: str, as_json: bool, code: int = EXIT_ERROR, **extra: Any) -> 
     raise typer.Exit(code)
 
 
+def _partial(out: Path) -> Path:
+    """Where an output is written before it is renamed into place (never half-written under its name)."""
+    return out.with_name(f".{out.stem}.partial{out.suffix}")
+
+
 def _seed(seed: str | None, as_json: bool) -> dict[str, Any]:
     if seed is None:
         return {}
@@ -252,7 +257,7 @@ def synth_logs(
         _fail(f"{out}: --turns (scale mode) writes Parquet only; use a .parquet output", as_json)
     seed_v = _seed(seed, as_json).get("seed", 0)
     t0 = time.perf_counter()
-    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
+    partial = _partial(out)
     if turns is not None:
         from tasks.synthetic.scale import write_scaled_parquet
 
@@ -365,7 +370,7 @@ def sample(
     except (InputError, SampleError) as exc:
         _fail(str(exc), as_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    partial = _partial(out)
     smp.write_parquet(partial)
     partial.replace(out)  # never a half-written sample under the final name
     result = {"population_turns": population, "sampled_turns": smp.height,

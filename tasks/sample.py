@@ -48,6 +48,14 @@ def prefix_bucket(prefix_len: int) -> str:
     return "51+"
 
 
+def prefix_bucket_expr() -> pl.Expr:
+    """prefix_bucket() of the prefix_len column, as a Polars expression."""
+    expr = pl.lit("51+")
+    for upper, label in reversed(PREFIX_BUCKETS):
+        expr = pl.when(pl.col("prefix_len") <= upper).then(pl.lit(label)).otherwise(expr)
+    return expr
+
+
 def prefix_hash(messages: list[dict[str, Any]]) -> str:
     """Normalised content hash of a prefix: case, whitespace and long digit runs (ids) ignored."""
     h = hashlib.sha1()

@@ -3,8 +3,8 @@
 A 10M-turn log never enters memory whole. Each Parquet file is read row group by row group,
 projecting the conversation-level columns (id, model, created_at, strata) and two leaves of the
 nested messages (`role`, and one leaf under `tool_calls`), never message content. Turns are
-computed with vectorised Polars expressions per row group, so memory holds the turn table
-(a few columns per turn) plus one row group at a time.
+computed with NumPy over the flattened messages of each row group (no Python loop over rows),
+so memory holds the turn table (a few columns per turn) plus the row groups being read.
 
 The turns are the same as tasks/sample.build_turns computes from whole conversations (same
 columns except prefix_hash), so the same draw gives the same sample from either path.
@@ -28,7 +28,13 @@ import pyarrow.parquet as pq
 from tasks.config import Settings
 from tasks.load import InputError, resolve_sources
 from tasks.records import TURN_SCHEMA
-from tasks.sample import PREFIX_BUCKETS, SampleError, filter_turns, representativeness, sample_turns
+from tasks.sample import (
+    SampleError,
+    filter_turns,
+    prefix_bucket_expr,
+    representativeness,
+    sample_turns,
+)
 
 CONV_COLUMNS = ("conversation_id", "model", "created_at", "surface", "task_type", "language")
 _MSG_DTYPE = pl.List(pl.Struct({"role": pl.String, "tool_calls": pl.List(pl.Struct({"type": pl.String}))}))
@@ -148,26 +154,17 @@ def turns_of_batch(conv: pl.DataFrame, messages: pa.Array) -> pl.DataFrame:
     return pl.concat([conv[c], turns], how="horizontal")
 
 
-def _bucket_expr() -> pl.Expr:
-    expr = pl.lit("51+")
-    for upper, label in reversed(PREFIX_BUCKETS):
-        expr = pl.when(pl.col("prefix_len") <= upper).then(pl.lit(label)).otherwise(expr)
-    return expr
-
-
-def _normalise_conv(conv: pl.DataFrame, wanted: tuple[str, ...] = CONV_COLUMNS) -> pl.DataFrame:
-    """The wanted conversation columns as strings (or Categorical) and UTC datetimes; absent ones null."""
+def _normalise_conv(conv: pl.DataFrame) -> pl.DataFrame:
+    """CONV_COLUMNS as strings (or Categorical) and UTC datetimes; absent ones null."""
     # Strings stay as they come (Categorical when the file dictionary-encodes them: cheap to gather).
     cols = {c: (conv[c] if c == "created_at" or conv[c].dtype in (pl.String, pl.Categorical) else conv[c].cast(pl.String))
             for c in conv.columns}
     for c in CONV_COLUMNS:
-        if c not in cols and c in wanted:
+        if c not in cols:
             cols[c] = pl.Series(c, [None] * conv.height, dtype=pl.String if c != "created_at" else pl.Datetime("us", "UTC"))
-    frame = pl.DataFrame(cols).select(c for c in CONV_COLUMNS if c in cols)
-    ts = frame.schema.get("created_at")
-    if ts is None:
-        pass
-    elif ts == pl.String:
+    frame = pl.DataFrame(cols).select(CONV_COLUMNS)
+    ts = frame.schema["created_at"]
+    if ts == pl.String:
         frame = frame.with_columns(pl.col("created_at").str.to_datetime(time_zone="UTC", strict=False))
     elif isinstance(ts, pl.Datetime):
         frame = frame.with_columns(pl.col("created_at").dt.cast_time_unit("us").dt.replace_time_zone("UTC")
@@ -178,14 +175,13 @@ def _normalise_conv(conv: pl.DataFrame, wanted: tuple[str, ...] = CONV_COLUMNS) 
     return frame
 
 
-def _row_group_turns(source: str, g: int, wanted: tuple[str, ...]) -> tuple[pl.DataFrame, int, dict[str, int]]:
+def _row_group_turns(source: str, g: int) -> tuple[pl.DataFrame, int, dict[str, int]]:
     """Turns of one row group, its row count, and rows left out by reason.
 
     Opens its own reader: a ParquetFile must not be read from two threads at once.
     """
     pf = _open(source)
     conv_cols, role, calls, as_text = _leaf_paths(pf, source)
-    conv_cols = [c for c in conv_cols if c in wanted]
     leaves = [*conv_cols, *(["messages"] if as_text else [p for p in (role, calls) if p])]
     try:
         tbl = pf.read_row_group(g, columns=leaves)
@@ -193,7 +189,7 @@ def _row_group_turns(source: str, g: int, wanted: tuple[str, ...]) -> tuple[pl.D
         raise InputError(f"{source}: row group {g}: cannot read: {exc}") from exc
     conv = pl.from_arrow(pa.table({c: tbl.column(c) for c in conv_cols}))
     assert isinstance(conv, pl.DataFrame)
-    conv = _normalise_conv(conv, wanted)
+    conv = _normalise_conv(conv)
     msgs = _messages_array(tbl, as_text)
     no_id = conv["conversation_id"].is_null().to_numpy()
     empty = np.diff(msgs.offsets.to_numpy()) == 0
@@ -204,14 +200,11 @@ def _row_group_turns(source: str, g: int, wanted: tuple[str, ...]) -> tuple[pl.D
     return turns_of_batch(conv, msgs), len(keep), out
 
 
-def scan_turns(data: str, columns: list[str] | None = None,
-               progress: Callable[[int, int], None] | None = None, threads: int = 2) -> ScanResult:
+def scan_turns(data: str, progress: Callable[[int, int], None] | None = None, threads: int = 2) -> ScanResult:
     """The turn population of Parquet logs (a file, folder, glob or s3:// prefix).
 
     Args:
         data: where the logs are.
-        columns: the conversation columns to keep (strata and filters); conversation_id always.
-            None keeps model, created_at, surface, task_type and language.
         progress: called with (row groups done, row groups) as the scan goes.
         threads: row groups read at once (Arrow and NumPy release the GIL).
 
@@ -230,7 +223,6 @@ def scan_turns(data: str, columns: list[str] | None = None,
     bad = [s for s in sources if not s.endswith(".parquet")]
     if bad:
         raise InputError(f"{bad[0]}: the lazy scan reads Parquet only (JSONL goes through the full loader)")
-    wanted = tuple(c for c in CONV_COLUMNS if c == "conversation_id" or columns is None or c in columns)
     groups = [(s, g) for s in sources for g in range(_open(s).metadata.num_row_groups)]
     if not groups:
         raise InputError(f"{data}: no rows")
@@ -238,7 +230,7 @@ def scan_turns(data: str, columns: list[str] | None = None,
     frames: list[pl.DataFrame] = []
     rows_in = 0
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for k, (frame, n, out) in enumerate(pool.map(lambda t: _row_group_turns(t[0], t[1], wanted), groups)):
+        for k, (frame, n, out) in enumerate(pool.map(lambda t: _row_group_turns(*t), groups)):
             frames.append(frame)
             rows_in += n
             for key, v in out.items():
@@ -251,7 +243,7 @@ def scan_turns(data: str, columns: list[str] | None = None,
         dup = firsts.value_counts().filter(pl.col("count") > 1)
         excluded["duplicate_conversation_id"] = int(dup["count"].sum())
         turns = turns.filter(~pl.col("conversation_id").is_in(dup["conversation_id"].implode()))
-    turns = turns.with_columns(prefix_bucket=_bucket_expr())
+    turns = turns.with_columns(prefix_bucket=prefix_bucket_expr())
     return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v})
 
 
@@ -268,13 +260,12 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
 
     Returns (sample, strata table, population turns, representativeness, ScanResult).
     """
-
     c = s.sample
     known = [*CONV_COLUMNS, *TURN_SCHEMA, "has_response", "prefix_bucket"]
     unknown = [col for col in c.strata if col not in known]
     if unknown:
         raise SampleError(f"unknown stratum column(s): {', '.join(unknown)} (available: {', '.join(dict.fromkeys(known))})")
-    scanned = scan_turns(s.run.data or "", progress=progress)  # all CONV_COLUMNS: the sample has them all
+    scanned = scan_turns(s.run.data or "", progress=progress)
     turns = filter_turns(scanned.turns, s.run.production_models, c.created_after, c.created_before,
                          c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)
     priors = None

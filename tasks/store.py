@@ -10,10 +10,14 @@ from typing import Any
 import polars as pl
 
 
+def _s3_endpoint() -> str | None:
+    return os.environ.get("DEPSIM_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def _s3_client() -> Any:
     import boto3
 
-    endpoint = os.environ.get("DEPSIM_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _s3_endpoint()
     return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
 
 
@@ -22,7 +26,7 @@ def s3_filesystem(uri: str) -> tuple[Any, str]:
     import boto3
     from pyarrow import fs
 
-    endpoint = os.environ.get("DEPSIM_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _s3_endpoint()
     session = boto3.session.Session()
     creds = session.get_credentials()
     frozen = creds.get_frozen_credentials() if creds else None
