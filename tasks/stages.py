@@ -234,26 +234,16 @@ def combine_chunks(outcomes: list[ChunkOutcome], store: RunStore) -> tuple[pl.Da
     """
     ordered = sorted(outcomes, key=lambda o: o.index)
     names = [chunk_table_names(o.index) for o in ordered]
-    traj = pl.concat([_read_table(store, t) for t, _, _ in names])
+    traj = pl.concat([store.read(t) for t, _, _ in names])
     if traj.height != sum(o.turns for o in ordered):
         raise RuntimeError(f"replay: the chunk tables hold {traj.height} turns, the chunks replayed "
                            f"{sum(o.turns for o in ordered)}")
     store.write("trajectories", traj)
-    store.write("model_calls", pl.concat([_read_table(store, c) for _, c, _ in names]))
+    store.write("model_calls", pl.concat([store.read(c) for _, c, _ in names]))
     counts: Counter[str] = Counter({"model_calls": 0, "cache_hits": 0, "retries": 0})
     for o in ordered:
         counts.update(o.counts)
     return traj, dict(counts)
-
-
-def _read_table(store: RunStore, name: str) -> pl.DataFrame:
-    """A table of this run: the local copy, else the store's (a chunk written by another machine)."""
-    path = store.local / f"{name}.parquet"
-    if path.is_file() or not store.s3:
-        return pl.read_parquet(path)
-    from tasks.store import s3_read_bytes
-
-    return pl.read_parquet(s3_read_bytes(f"{store.uri}/{name}.parquet"))
 
 
 def stage_judge(candidate: pl.DataFrame, sample: pl.DataFrame, valid: pl.DataFrame, s: Settings,

@@ -85,6 +85,13 @@ class RunStore:
         frame.write_parquet(path)
         return self._publish(path)
 
+    def read(self, name: str) -> pl.DataFrame:
+        """A table of this run: the local copy, else the store's (written by another machine)."""
+        path = self.local / f"{name}.parquet"
+        if path.is_file() or not self.s3:
+            return pl.read_parquet(path)
+        return pl.read_parquet(s3_read_bytes(f"{self.uri}/{name}.parquet"))
+
     def write_text(self, name: str, text: str) -> str:
         path = self.local / name
         path.write_text(text, encoding="utf-8")
