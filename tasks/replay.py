@@ -52,12 +52,7 @@ CALL_SCHEMA = {
 }
 
 
-def _declared(tools: list[dict[str, Any]]) -> set[str]:
-    return {t["function"]["name"] for t in tools
-            if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]}
-
-
-def _answer_call(sim: ToolSimulator, declared: set[str], name: str, arguments: str) -> ToolResult | LLMRequest:
+def _answer_call(sim: ToolSimulator, declared: dict[str, dict[str, Any]], name: str, arguments: str) -> ToolResult | LLMRequest:
     """The simulated result of one tool call (or a request for the `llm` source); a call to an
     undeclared tool is a tool error."""
     if name not in declared:
@@ -72,11 +67,11 @@ def _answer_call(sim: ToolSimulator, declared: set[str], name: str, arguments: s
 
 
 async def _ask_llm(simulator: LLMSimulator | None, sim: ToolSimulator, req: LLMRequest,
-                   tools: list[dict[str, Any]], trajectory: list[dict[str, Any]]) -> ToolResult:
+                   tool: dict[str, Any] | None, trajectory: list[dict[str, Any]]) -> ToolResult:
     """Put a call to the `llm` source (outside the guard) and fold its result into the world."""
     if simulator is None:
         return failed(req, "simulator_unconfigured", "the chain includes llm but no simulator endpoint was given")
-    res = await simulator.answer(req, tool_schemas(tools).get(req.name), trajectory, sim.state)
+    res = await simulator.answer(req, tool, trajectory, sim.state)
     sim.learn(req, res)
     return res
 
@@ -124,7 +119,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
     """
     prefix = messages[: user_idx + 1]
     sim: ToolSimulator | None = None  # built on the first tool call: many turns make none
-    declared = _declared(tools)
+    declared = tool_schemas(tools)  # by function name
     new: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     rec: dict[str, Any] = {"finish": "step_limit", "error": None, "steps": 0, "model_calls": 0,
@@ -179,7 +174,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
             fn = call["function"]
             res = _answer_call(sim, declared, fn["name"], fn.get("arguments") or "")
             if isinstance(res, LLMRequest):
-                res = await _ask_llm(simulator, sim, res, tools, prefix + new)
+                res = await _ask_llm(simulator, sim, res, declared.get(res.name), prefix + new)
             new.append({"role": "tool", "tool_call_id": call["id"], "name": fn["name"], "content": res.content})
             results.append(_result_entry(call["id"], fn["name"], res))
         used = rec["prompt_tokens"] + rec["completion_tokens"]
