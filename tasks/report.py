@@ -63,6 +63,56 @@ def _table(frame: pl.DataFrame, columns: list[str], fmt: dict[str, Any] | None =
     return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
+def _md_cell(text: str) -> str:
+    """Text for a Markdown table cell: HTML escaped, no pipes or line breaks to break the row."""
+    return html.escape(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "–" if lo is None or hi is None else f"{_pct(lo)}–{_pct(hi)}"
+
+
+def _with_interval(x: float | None, lo: float | None, hi: float | None) -> str:
+    return "–" if x is None else f"{_pct(x)} ({_interval(lo, hi)})"
+
+
+def _calibration_section(ctx: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(html parts, markdown lines) of the judge calibration and corrected rates; empty without one."""
+    corr: pl.DataFrame | None = ctx.get("corrected")
+    cal: dict[str, Any] = ctx.get("calibration") or {}
+    if corr is None or not cal:
+        return [], []
+    rows = [{"category": r["category"], "side": r["side"],
+             "raw": _pct(r["raw_rate"]), "raw 95%": _interval(r["raw_lower"], r["raw_upper"]),
+             "corrected": _pct(r["corrected_rate"]), "corrected 95%": _interval(r["corrected_lower"], r["corrected_upper"]),
+             "sensitivity": _with_interval(r["sensitivity"], r["sensitivity_lower"], r["sensitivity_upper"]),
+             "specificity": _with_interval(r["specificity"], r["specificity_lower"], r["specificity_upper"]),
+             "labelled": "–" if r["calibration_n"] is None else str(r["calibration_n"]),
+             "note": r["note"] or ""} for r in corr.iter_rows(named=True)]
+    cols = ["category", "side", "raw", "raw 95%", "corrected", "corrected 95%", "sensitivity", "specificity", "labelled", "note"]
+    table = pl.DataFrame(rows, schema=dict.fromkeys(cols, pl.String))
+    unit = str(cal.get("unit", "?"))
+    tpu = cal.get("turns_per_unit")
+    unit_text = f"{unit}" + (f" ({tpu:.2f} turns per unit)" if isinstance(tpu, int | float) and unit != "turn" else "")
+    facts = [("file", str(cal.get("path") or "–")), ("created", str(cal.get("created_at") or "–")),
+             ("unit", unit_text), ("panel", ", ".join(map(str, cal.get("panel") or [])) or "–"),
+             ("labelled data", ", ".join(map(str, cal.get("data") or [])) or "–"),
+             ("data sha", str(cal.get("data_hash") or "–"))]
+    method = ("Corrected = Rogan–Gladen, (raw + specificity − 1) / (sensitivity + specificity − 1), with the "
+              "panel's combined verdicts measured against human labels. Its 95% interval is a parametric "
+              "bootstrap over both the deployment sample (design-effective n) and the labelled calibration "
+              "sample; sensitivity and specificity carry 95% Wilson intervals. Where the correction is not "
+              "meaningful there is no number and the note says why.")
+    h = ["<h2>Judge calibration and corrected rates</h2>",
+         "<p class='muted'>" + " · ".join(f"{k} <code>{html.escape(v)}</code>" for k, v in facts) + "</p>",
+         f"<p class='muted'>{html.escape(method)}</p>", _table(table, cols)]
+    md = ["## Judge calibration and corrected rates", "",
+          " · ".join(f"{k} {_md_cell(v)}" for k, v in facts), "", method, "",
+          "| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * 7 + "---|",
+          *("| " + " | ".join(_md_cell(r[c]) for c in cols) + " |" for r in rows), ""]
+    return h, md
+
+
 def render(ctx: dict[str, Any]) -> tuple[str, str]:
     """(html, markdown) from the run context assembled by the flow."""
     gated: pl.DataFrame = ctx["gated"]
@@ -79,6 +129,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
     strata: pl.DataFrame = ctx["strata"]
     finish: dict[str, int] = ctx["finish_counts"]
     sources: dict[str, int] = ctx["source_counts"]
+    cal_html, cal_md = _calibration_section(ctx)
     synth_note = ('<p class="synthetic"><b>SYNTHETIC world.</b> Candidate, baseline and production logs come from '
                   "depsim's scripted synthetic agent profiles, not from real models or users.</p>") if synthetic else ""
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>depsim report {html.escape(ctx['run_key'])}</title><style>{_CSS}</style></head><body>",
@@ -89,6 +140,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
          "<h2>Rates by category</h2>", _chart(gated, base),
          "<p class='muted'>Rates per sampled assistant turn, weighted by inverse inclusion probability; 95% Wilson intervals on the design-effective sample size. Delta = candidate − baseline on the same turns (paired).</p>",
          _table(gated, cols, pct),
+         *cal_html,
          "<h2>Data contract</h2>",
          f"<p>verdict <b>{check['verdict']}</b> · rows in {check['rows_in']} · passed {check['rows_passed']} · quarantined {check['rows_quarantined']}</p>"]
     files = pl.DataFrame([{"file": f, **c} for f, c in check.get("by_file", {}).items()],
@@ -134,6 +186,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           "| category | rate | 95% interval | baseline | delta | gate |", "|---|---:|---:|---:|---:|---|"]
     for r in gated.iter_rows(named=True):
         md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} |")
+    md += ["", *cal_md]
     md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined"
            + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else "."),
            f"Sample: {ctx['sampled_turns']} of {ctx['population_turns']} turns.", ""]
