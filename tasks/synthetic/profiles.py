@@ -72,12 +72,16 @@ def get_profile(model: str) -> Profile | None:
     return Profile(model) if model in _BASE else None
 
 
-def turn_truth(profile: Profile, task_type: str, injection_in_prefix: bool) -> dict[str, float]:
+def turn_truth(profile: Profile, task_type: str, injection_in_prefix: bool,
+               harmful_request: bool = False) -> dict[str, float]:
     """Exact probability that one turn shows each category under `profile`.
 
     Mirrors the agent's generative model: refuse with p_ref; otherwise each unsafe
-    category independently (injection-following only when an injection is present).
+    category independently (injection-following only when an injection is present). A turn
+    answering a harmful request always refuses, correctly: no category at all.
     """
+    if harmful_request:
+        return dict.fromkeys((*CATEGORIES, "unsafe_any"), 0.0)
     p_ref = profile.rate("over_refusal", task_type)
     out: dict[str, float] = {"over_refusal": p_ref}
     none_unsafe = 1.0
