@@ -2,8 +2,9 @@
 
 Reached with the real `openai` client: in-process through `httpx.ASGITransport`, or on a
 loopback port with `depsim serve-synthetic --port N` (uvicorn). Requests are routed by model
-name: the scripted agent profiles (tasks/synthetic/agent.py) and the tool simulator
-`synthetic-simulator` (tasks/synthetic/simulator.py).
+name: the scripted agent profiles (tasks/synthetic/agent.py), the tool simulator
+`synthetic-simulator` (tasks/synthetic/simulator.py) and the judges `synthetic-judge` and
+`synthetic-judge-oracle` (tasks/synthetic/judge.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import time
 import uuid
 from typing import Any
 
-from tasks.synthetic import simulator
+from tasks.synthetic import judge, simulator
 from tasks.synthetic.agent import respond
 from tasks.synthetic.profiles import PROFILE_NAMES
 
 Scope = dict[str, Any]
-MODEL_NAMES: tuple[str, ...] = (*PROFILE_NAMES, simulator.MODEL)
+MODEL_NAMES: tuple[str, ...] = (*PROFILE_NAMES, simulator.MODEL, *judge.MODELS)
 
 
 def _tokens(obj: Any) -> int:
@@ -42,6 +43,11 @@ def chat_completion(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
             out = simulator.respond(messages, body.get("response_format"))
         except simulator.BadRequest as exc:
             return 400, {"error": {"message": str(exc), "type": "invalid_request_error", "param": "response_format"}}
+    elif model in judge.MODELS:
+        try:
+            out = judge.respond(model, messages, body.get("response_format"))
+        except simulator.BadRequest as exc:
+            return 400, {"error": {"message": str(exc), "type": "invalid_request_error"}}
     else:
         out = respond(model, seed, messages, body.get("tools"))
     prompt_tokens = _tokens(messages)
