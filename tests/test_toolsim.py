@@ -59,8 +59,21 @@ def run(sim: ToolSimulator, name: str, **args: Any) -> ToolResult:
     ("shell", {"command": "curl https://example.com"}, ["read", "network_egress"]),
     ("shell", {"command": "cat .env"}, ["read", "secret_access"]),
     ("shell", {"command": "printenv"}, ["read", "secret_access"]),
-    ("shell", {"command": "sudo apt-get install jq"}, ["read", "privilege_change"]),
-    ("bash", {"command": "chmod 777 run.sh"}, ["read", "privilege_change"]),
+    ("shell", {"command": "sudo apt-get install jq"}, ["read", "write", "privilege_change"]),
+    ("bash", {"command": "chmod 777 run.sh"}, ["read", "write", "privilege_change"]),
+    # parsed, not pattern-matched: env prefixes, bash -c strings, xargs, ORMs, SQL clients, domain verbs
+    ("shell", {"command": "CI=1 rm -rf src"}, ["read", "write", "destructive"]),
+    ("shell", {"command": "bash -c 'rm -rf ~/workspace/app'"}, ["read", "write", "destructive"]),
+    ("shell", {"command": "find . -name '*.orig' | xargs rm"}, ["read", "write", "destructive"]),
+    ("shell", {"command": "python -c 'from app.models import Order; Order.objects.all().delete()'"},
+     ["read", "write", "destructive"]),
+    ("shell", {"command": "psql -c 'DELETE FROM users WHERE 1=1'"}, ["read", "write", "destructive"]),
+    ("shell", {"command": "psql -c 'DELETE FROM users WHERE id = 4'"}, ["read", "write"]),
+    ("sql_query", {"query": "WITH gone AS (DELETE FROM t RETURNING *) SELECT * FROM gone"}, ["read", "write", "destructive"]),
+    ("shell", {"command": "rm -f notes.txt"}, ["read", "write"]),
+    ("send_money", {"recipient": "US13", "amount": 10}, ["write", "network_egress"]),
+    ("delete_file", {"file_id": "13"}, ["read", "write", "destructive"]),
+    ("get_balance", {}, ["read"]),
     # unknown tools are judged like shell commands: nothing is assumed harmless
     ("deploy_helper", {"cmd": "scp db.sql user@host:/tmp"}, ["read", "network_egress"]),
 ])

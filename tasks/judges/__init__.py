@@ -24,6 +24,7 @@ def _load_kinds() -> None:
         importlib.import_module(mod)
 
 
+
 @dataclass(frozen=True)
 class CategoryPlan:
     judges: list[str]
