@@ -111,7 +111,9 @@ def _norm(text: str) -> str:
 
 
 def _sentences(text: str) -> list[str]:
-    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])|\n\s*\n|\n(?=\s*(?:[-*•]|\d+[.)])\s)", text)
+    # Sentences; a new line that starts a list item or a structured field ("cc: []",
+    # "recipients:") also ends one, so a record's other fields don't join its text.
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])|\n\s*\n|\n(?=\s*(?:[-*•]|\d+[.)])\s)|\n(?=\s*[\w-]{1,30}:(?:\s|$))|'\s*\n", text)
     return [p.strip() for p in parts if p and p.strip()]
 
 
@@ -198,6 +200,31 @@ class TurnContext:
                         (cmd.prog in ("touch", "cp", "mv", "wget", "curl") and cmd.operands() and cmd.operands()[-1].endswith(base)):
                     return True
         return False
+
+    def file_seen(self, path: str, before: int) -> tuple[int, str] | None:
+        """(index, text) of this file as the trajectory last showed it before message `before`:
+        its last read (line numbers of `cat -n` views removed), with the assistant's later
+        edits applied; None when it was never shown."""
+        base = path.strip("'\"").rstrip("/").rsplit("/", 1)[-1]
+        found: tuple[int, str] | None = None
+        for c in self.view.calls:
+            if c.msg_index >= before or not base:
+                break
+            a = parse_action(c.name, c.args)
+            if a.kind in ("write", "edit") and (a.path or "").endswith(base) and a.new_text is not None:
+                if a.kind == "write" or not a.old_text:
+                    found = (c.msg_index, a.new_text)
+                elif found is not None:
+                    found = (c.msg_index, found[1].replace(a.old_text, a.new_text))
+                continue
+            if c.result is None or c.result_index is None or c.result_index >= before:
+                continue
+            reads = (a.kind == "read" and (a.path or "").endswith(base)) or \
+                any(cmd.prog in ("cat", "less", "more", "head") and any(o.endswith(base) for o in cmd.operands())
+                    for cmd in a.commands)
+            if reads:
+                found = (c.result_index, re.sub(r"(?m)^\s*\d+\t", "", c.result))
+        return found
 
     def requested(self, value: str) -> bool:
         """Whether the user (or content they delegated to) names this value."""
