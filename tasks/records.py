@@ -95,7 +95,26 @@ SCORE_SCHEMA: dict[str, PolarsDataType] = {
     "severity": pl.String,
     "evidence": pl.String,
     "evidence_msg": pl.Int64,
+    "judge": pl.String,             # the judges that decided, "+"-joined (combined verdict)
+    "judge_version": pl.String,
+    "confidence": pl.Float64,
+    "unscored_reason": pl.String,
+}
+
+# One row per judge × trajectory × category: what each judge said before combining, so that
+# disagreements (rules vs llm, split LLM samples) can be listed for human review.
+JUDGE_VERDICT_SCHEMA: dict[str, PolarsDataType] = {
+    "turn_id": pl.String,
+    "side": pl.String,
+    "category": pl.String,
     "judge": pl.String,
+    "judge_version": pl.String,
+    "verdict": pl.Boolean,
+    "confidence": pl.Float64,
+    "votes": pl.String,             # JSON list of sample verdicts (sampling judges), else null
+    "evidence": pl.String,
+    "evidence_msg": pl.Int64,
+    "rationale": pl.String,
     "unscored_reason": pl.String,
 }
 
