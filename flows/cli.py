@@ -122,6 +122,7 @@ def run(
     store: Annotated[str | None, typer.Option(help="Run store: a folder or s3:// prefix.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default sqlite:///./mlflow.db).")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    calibration: Annotated[str | None, typer.Option(help="Calibration file from `depsim judge-eval --out` (judge.calibration): adds Rogan–Gladen corrected rates to the report and MLflow.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own logs.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -143,6 +144,8 @@ def run(
         over["run"]["production_models"] = [baseline]
     if n is not None:
         over["sample"] = {"n": n}
+    if calibration is not None:
+        over["judge"] = {"calibration": str(Path(calibration).resolve())}
     s = _settings(config, over, as_json)
     if s.run.tracking_uri is None:
         from tasks.tracking import default_tracking_uri
@@ -152,9 +155,13 @@ def run(
     from tasks.load import InputError, resolve_sources
     from tasks.progress import set_reporter
 
-    try:  # fail fast on a wrong path or a missing key, before starting Prefect
+    try:  # fail fast on a wrong path, a missing key or a bad calibration file, before starting Prefect
         resolve_sources(s.run.data)
         s.models.candidate.api_key()
+        if s.judge.calibration:
+            from tasks.judges.calibrate import read_calibration
+
+            read_calibration(s.judge.calibration)
     except (InputError, ConfigError) as exc:
         _fail(str(exc), as_json)
     if not as_json:
@@ -206,6 +213,16 @@ def _print_result(r: dict[str, Any]) -> None:
     c = r["contract"]
     typer.echo(f"\ncontract: {c['verdict']} ({c['rows_passed']}/{c['rows_in']} rows passed, {c['rows_quarantined']} quarantined)")
     typer.echo(f"sampled turns: {r['sampled_turns']} of {r['population_turns']} · model calls: {r['model_calls']} · {r['elapsed_s']}s")
+    if r.get("corrected"):
+        typer.echo(f"\n{'corrected (calibration)':28} {'rate':>8} {'95% interval':>19}")
+        for cat, c in r["corrected"].items():
+            if c["corrected_rate"] is None:
+                typer.echo(f"{cat:28} {'–':>8} {'':19}  {c['note'] or ''}")
+            else:
+                typer.echo(f"{cat:28} {100 * c['corrected_rate']:7.2f}% [{100 * c['corrected_lower']:6.2f}%, "
+                           f"{100 * c['corrected_upper']:6.2f}%]")
+        for w in r.get("calibration_warnings") or []:
+            typer.secho(f"calibration warning: {w}", fg="yellow", err=True)
     typer.secho(f"verdict: {r['verdict']}", fg=colours[r["verdict"]], bold=True)
     typer.echo(f"report:     {r['report']}")
     typer.echo(f"MLflow run: {r['run_id']} (experiment {r['experiment']!r})")
@@ -444,6 +461,164 @@ def fidelity(
         typer.echo(f"{tool:28} {c['calls']:7} {c['exact']:7} {c['structural']:7} {c['different']:7}")
     typer.echo(f"{table.height} recorded calls: {overall['exact']} exact, {overall['structural']} structural, "
                f"{overall['different']} different · MLflow run {run_id}")
+
+
+_EVAL_METRICS = ("tp", "fp", "tn", "fn", "precision", "recall", "f1", "kappa")
+
+
+def _num(x: float | None, width: int = 6) -> str:
+    return f"{'–':>{width}}" if x is None else f"{x:{width}.3f}"
+
+
+def _ci(m: dict[str, Any], name: str) -> str:
+    if m.get(name) is None:
+        return f"{'–':>19}"
+    return f"{m[name]:.3f} [{m[f'{name}_lower']:.3f}, {m[f'{name}_upper']:.3f}]"
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    cov = result["coverage"]
+    typer.echo(f"{cov['conversations']} conversations ({cov['turns']} judged turns; {cov['no_answered_turn']} without "
+               f"an answered turn, left out), {cov['labelled_conversations']} with labels · unit {result['unit']}"
+               + (f" ({result['turns_per_unit']:.2f} turns per conversation)" if result["unit"] == "conversation" else ""))
+    for judge, entry in result["judges"].items():
+        what = f"the panel's combined verdicts ({', '.join(result['panel'])})" if judge == "combined" else "alone"
+        typer.echo(f"\njudge {judge}: {what}")
+        typer.echo(f"{'category':27} {'labelled':>8} {'unlab.':>6} {'unsc.':>5} {'tp':>5} {'fp':>5} {'tn':>5} {'fn':>5} "
+                   f"{'prec.':>6} {'recall':>6} {'f1':>6} {'kappa':>6}  {'sensitivity [95%]':19}  {'specificity [95%]':19}")
+        for cat, m in entry["categories"].items():
+            typer.echo(f"{cat:27} {m['n'] + m['unscored']:8} {cov['unlabelled'][cat]:6} {m['unscored']:5} "
+                       f"{m['tp']:5} {m['fp']:5} {m['tn']:5} {m['fn']:5} {_num(m['precision'])} {_num(m['recall'])} "
+                       f"{_num(m['f1'])} {_num(m['kappa'])}  {_ci(m, 'sensitivity'):19}  {_ci(m, 'specificity'):19}")
+    unlabelled = [c for c, n in cov["labelled"].items() if not n]
+    if unlabelled:
+        typer.echo(f"\nno labels in the data for: {', '.join(unlabelled)}")
+    if result.get("out"):
+        typer.echo(f"calibration file: {result['out']}")
+    if result.get("run_id"):
+        typer.echo(f"MLflow run: {result['run_id']} (experiment {result['experiment']!r})")
+
+
+@app.command("judge-eval")
+def judge_eval(
+    data: Annotated[str, typer.Option("--data", "-d", help="Labelled conversation logs (contract field `labels`): JSONL/Parquet file, folder, glob or s3:// URI.")],
+    judges: Annotated[str | None, typer.Option("--judges", help="Comma-separated judges of conf/judges.yaml to enable, e.g. rules or rules,llm. Default: judge.kinds of the configuration.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write a calibration file (JSON) for `depsim run --calibration`.")] = None,
+    config: ConfigOpt = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default sqlite:///./mlflow.db).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment for judge evaluations.")] = "depsim-judge-eval",
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Do not log to MLflow.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure the judges against human labels (the logs' `labels`) and write a calibration file.
+
+    Every answered turn of every conversation is judged by each enabled judge: the production model's logged turns. No candidate is called.
+
+    Labels are per conversation, verdicts per turn. A conversation counts as flagged for a category when any of its turns is flagged, as not flagged when every turn is scored and none is flagged, and as unscored otherwise (counted, kept out of the 2x2 table). Conversations without a label for a category are left out of it (counted as unlabelled). unsafe_any is the aggregate of the nine unsafe categories, for a judge alone as for the panel.
+
+    Printed per judge (each enabled judge alone, and "combined": the panel's combined verdicts, what a run's rates are made of and what `depsim run --calibration` corrects with) and per category: tp, fp, tn, fn, precision, recall, f1, Cohen's kappa, sensitivity and specificity with 95% Wilson intervals.
+
+    Logged to MLflow (metrics <judge>.<category>.<metric>, the judges' provenance as params) unless --no-mlflow. Exit status 0; 4 on bad input or configuration; 2 on an unknown judge.
+    """
+    _env_defaults()
+    import tempfile
+
+    from tasks.check import CheckResult
+    from tasks.config import ConfigError
+    from tasks.judges import evaluate as ev
+    from tasks.judges.calibrate import validate, write_calibration
+    from tasks.load import InputError, dataset_hash, load_raw, resolve_sources
+    from tasks.stages import ContractFailed, contract_check
+    from tasks.stages import judge_eval as measure
+    from tasks.taxonomy import load_taxonomy
+    from tasks.tracking import (
+        default_tracking_uri,
+        evaluation_metrics_of,
+        judge_metrics_of,
+        log_run,
+    )
+
+    t0 = time.perf_counter()
+    bar = _Progress()
+    over: dict[str, Any] = {"run": {"data": data}}
+    names: list[str] | None = None
+    if judges is not None:
+        names = list(dict.fromkeys(j.strip() for j in judges.split(",") if j.strip()))
+        if not names:
+            _fail("--judges: name at least one judge", as_json, 2)
+        over["judge"] = {"kinds": names}
+    s = _settings(config, over, as_json)
+    try:
+        specs = load_taxonomy(s.judge.taxonomy).get("judges") or {"rules": {}}
+    except ConfigError as exc:
+        _fail(str(exc), as_json)
+    names = list(s.judge.kinds)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        _fail(f"unknown judge(s) {', '.join(map(repr, unknown))}: the judges of {s.judge.taxonomy} are "
+              f"{', '.join(specs)}", as_json, 2)
+    try:
+        sources = [src if "://" in src else str(Path(src).resolve()) for src in resolve_sources(s.run.data)]
+        bar("load", 0, None)
+        raw = load_raw(s.run.data)
+    except InputError as exc:
+        _fail(str(exc), as_json)
+    bar("contract check", 0, None)
+    checked: CheckResult = contract_check(raw, s)
+    if checked.verdict in ("failed", "error"):
+        if not as_json:
+            _print_quarantine(checked.quarantine)
+        _fail(str(ContractFailed(checked, s.contract.fail_bad_share)), as_json, contract=checked.summary())
+    if checked.rows_quarantined and not as_json:
+        _print_quarantine(checked.quarantine)
+    total = sum(len(ev.views_of(r)) for r in checked.valid.select("conversation_id", "model", "messages", "tools").iter_rows(named=True))
+    done = 0
+
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        bar("judge turns", done, total)
+
+    try:
+        payload, coverage, stats = measure(checked.valid, s, names, sources, dataset_hash(raw), tick)
+        cal = validate({"version": 1, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload},
+                       str(out) if out else "<judge-eval>")
+        if out is not None:
+            cal = write_calibration(out, payload)
+    except ConfigError as exc:  # includes CalibrationError (e.g. --out not writable as a calibration)
+        _fail(str(exc), as_json)
+    except OSError as exc:
+        _fail(f"{out}: cannot write the calibration file ({exc.strerror or exc})", as_json)
+    result: dict[str, Any] = {
+        "data": sources, "data_hash": payload["data_hash"], "panel": names, "unit": payload["unit"],
+        "turns_per_unit": payload["turns_per_unit"], "coverage": coverage,
+        "contract": checked.summary(), "judges": payload["judges"], "judge_stats": stats,
+        "out": str(out) if out else None, "run_id": None, "experiment": None}
+    if not no_mlflow:
+        bar("mlflow", 0, None)
+        metrics = {**evaluation_metrics_of(payload["judges"]), **judge_metrics_of(stats),
+                   "conversations": coverage["conversations"], "turns": coverage["turns"],
+                   "no_answered_turn": coverage["no_answered_turn"],
+                   "labelled_conversations": coverage["labelled_conversations"],
+                   **{f"labelled.{c}": n for c, n in coverage["labelled"].items()},
+                   **{f"unlabelled.{c}": n for c, n in coverage["unlabelled"].items()}}
+        params = {"data": ",".join(sources), "data_hash": payload["data_hash"], "panel": ",".join(names),
+                  "unit": payload["unit"], "turns_per_unit": payload["turns_per_unit"],
+                  "calibration_out": str(out) if out else "none",
+                  "judges": {name: e["provenance"] for name, e in payload["judges"].items() if name != "combined"},
+                  "combine": payload["judges"]["combined"]["provenance"]["combine"]}
+        tags = {"depsim.kind": "judge-eval", "depsim.panel": ",".join(names)}
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "calibration.json").write_text(
+                json.dumps({"version": cal.version, "created_at": cal.created_at, **payload}, indent=2), encoding="utf-8")
+            result["run_id"], _ = log_run(tracking_uri or s.run.tracking_uri or default_tracking_uri(), experiment,
+                                          f"judge-eval-{'+'.join(names)}", params, metrics, tags, Path(tmp))
+        result["experiment"] = experiment
+    result["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        _print_eval(result)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from tasks.prefect_tasks import (
     check_task,
     chunk_task_runner,
     combine_task,
+    correct_task,
     dask_scope,
     estimate_task,
     judge_task,
@@ -106,6 +107,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
     candidate, calls = combine_task(_replay(chunks, s, store, runner), store)
     scores = judge_task(candidate, sample, checked.valid, s, store)
     estimates, gated, verdict = estimate_task(scores, sample, s, store)
+    corrected, calibration = correct_task(estimates, s, store)
     finish, errors, sources = replay_counts(candidate)
     ctx = {
         "run_key": store.run_key, "candidate": s.models.candidate.model, "baseline": s.models.baseline.model,
@@ -116,7 +118,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "sampled_turns": sample.height, "population_turns": population, "weight_sum": float(sample["weight"].sum()),
         "finish_counts": finish, "error_counts": errors, "source_counts": sources, **calls,
         "prompt_tokens": int(candidate["prompt_tokens"].sum()), "completion_tokens": int(candidate["completion_tokens"].sum()),
-        "elapsed_s": 0.0,
+        "corrected": corrected, "calibration": calibration, "elapsed_s": 0.0,
     }
     report_path, report_md = report_task(ctx, store)
     create_markdown_artifact(report_md, key="depsim-report", description="depsim gate and rates")
@@ -132,6 +134,10 @@ def deployment_simulation(config: dict[str, Any] | None = None,
                                     "delta": r["delta"], "delta_lower": r["delta_lower"],
                                     "delta_upper": r["delta_upper"], "gate": r["gate"]}
                     for r in gated.iter_rows(named=True)},
+        "corrected": ({r["category"]: {k: r[k] for k in ("corrected_rate", "corrected_lower", "corrected_upper", "note")}
+                       for r in corrected.filter(corrected["side"] == "candidate").iter_rows(named=True)}
+                      if corrected is not None else None),
+        "calibration_warnings": calibration["warnings"] if calibration else [],
         "contract": ctx["check"],
         "quarantined": [{k: r[k] for k in ("source_file", "source_line", "rule", "reason")}
                         for r in checked.quarantine.head(100).iter_rows(named=True)],

@@ -43,6 +43,12 @@ class Endpoint(BaseModel):
     def synthetic(self) -> bool:
         return self.base_url.startswith(SYNTHETIC_URL)
 
+    @property
+    def synthetic_world(self) -> bool:
+        """Served by the SYNTHETIC world: in process (synthetic://) or a synthetic model on a
+        `depsim serve-synthetic` endpoint (its models are all named synthetic-*)."""
+        return self.synthetic or self.model.startswith("synthetic-")
+
     def api_key(self) -> SecretStr:
         """The key from the environment; a placeholder where none is needed."""
         if self.api_key_env is None:
@@ -136,8 +142,12 @@ class ReplayCfg(BaseModel):
 class JudgeCfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
     taxonomy: str = "judges.yaml"
-    kinds: list[Literal["rules"]] = ["rules"]
+    # The judges of conf/judges.yaml this run enables (e.g. [rules], [rules, llm]).
+    kinds: list[str] = Field(default_factory=lambda: ["rules"], min_length=1)
     llm_samples: int = Field(3, ge=1, le=15)
+    # A calibration file from `depsim judge-eval --out` (judge sensitivity/specificity per
+    # category): the estimate stage adds Rogan–Gladen corrected rates when it is set.
+    calibration: str | None = None
 
 
 class GateCfg(BaseModel):
@@ -181,6 +191,18 @@ class Settings(BaseSettings):
         if "llm" in self.replay.simulator_chain and self.models.simulator.synthetic and not self.models.candidate.synthetic:
             raise ValueError("replay.simulator_chain has llm but models.simulator is the SYNTHETIC simulator while the "
                              "candidate is real: set models.simulator to a real endpoint (or drop llm from the chain)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_synthetic_judge_for_real_candidates(self) -> Settings:
+        # The scripted synthetic-judge decodes the SYNTHETIC agents' hidden truth: on a real
+        # model's transcripts its verdicts mean nothing (it refuses them, so every verdict would
+        # be unscored). Real data with an llm judge is checked where the data is known
+        # (tasks.stages.check_judge_world).
+        if "llm" in self.judge.kinds and self.models.judge.synthetic_world and not self.models.candidate.synthetic_world:
+            raise ValueError(f"judge.kinds has llm but models.judge is the SYNTHETIC judge ({self.models.judge.model}) "
+                             "while the candidate is real: set models.judge to a real endpoint (or drop llm from "
+                             "judge.kinds)")
         return self
 
     def public_dict(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ replay_chunk_task = task(name="replay-chunk", task_run_name="replay-chunk-{chunk
 combine_task = task(name="replay-combine", cache_policy=NO_CACHE)(stages.combine_chunks)
 judge_task = task(name="judge")(stages.stage_judge)
 estimate_task = task(name="estimate-and-gate")(stages.stage_estimate)
+correct_task = task(name="correct-with-calibration", cache_policy=NO_CACHE)(stages.stage_correct)
 report_task = task(name="report")(stages.stage_report)
 log_task = task(name="mlflow-log", retries=2, retry_delay_seconds=2)(stages.stage_log)
 

@@ -103,13 +103,45 @@ def _calibration_section(ctx: dict[str, Any]) -> tuple[list[str], list[str]]:
               "bootstrap over both the deployment sample (design-effective n) and the labelled calibration "
               "sample; sensitivity and specificity carry 95% Wilson intervals. Where the correction is not "
               "meaningful there is no number and the note says why.")
+    warnings = [str(w) for w in cal.get("warnings") or []]
     h = ["<h2>Judge calibration and corrected rates</h2>",
          "<p class='muted'>" + " · ".join(f"{k} <code>{html.escape(v)}</code>" for k, v in facts) + "</p>",
+         *(f"<p class='INCONCLUSIVE'>Warning: {html.escape(w)}</p>" for w in warnings),
          f"<p class='muted'>{html.escape(method)}</p>", _table(table, cols)]
     md = ["## Judge calibration and corrected rates", "",
-          " · ".join(f"{k} {_md_cell(v)}" for k, v in facts), "", method, "",
+          " · ".join(f"{k} {_md_cell(v)}" for k, v in facts), "",
+          *(f"> **Warning:** {_md_cell(w)}\n" for w in warnings), method, "",
           "| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * 7 + "---|",
           *("| " + " | ".join(_md_cell(r[c]) for c in cols) + " |" for r in rows), ""]
+    return h, md
+
+
+_REVIEW_COLS = ["category", "side", "turn_id", "judges", "evidence", "rationale"]
+
+
+def _review_section(ctx: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(html parts, markdown lines) listing where the judges disagreed, for human review."""
+    review: dict[str, Any] | None = ctx.get("review")
+    if not review:
+        return [], []
+    judges = [str(j) for j in review.get("judges") or []]
+    found: pl.DataFrame | None = review.get("disagreements")
+    total = int(review.get("n_disagreements") or 0)
+    title = "Judge disagreements (for human review)"
+    if len(judges) <= 1 and not review.get("sampled"):
+        text = f"None: a single judge ({', '.join(judges) or 'rules'}) with a single verdict per category scored this run."
+        return [f"<h2>{title}</h2>", f"<p>{html.escape(text)}</p>"], [f"## {title}", "", text, ""]
+    if found is None or found.is_empty():
+        text = f"None: the judges ({', '.join(judges)}) agreed on every scored trajectory and category."
+        return [f"<h2>{title}</h2>", f"<p>{html.escape(text)}</p>"], [f"## {title}", "", text, ""]
+    intro = (f"{total} trajectory × category pair(s) where the judges ({', '.join(judges)}) or one judge's samples "
+             "disagreed" + (f"; the first {found.height} below, all in judge_disagreements.parquet" if total > found.height
+                            else "") + ". Verdicts per judge; an LLM judge's verdict is its majority vote.")
+    table = found.select([pl.col(c).cast(pl.String) for c in _REVIEW_COLS])
+    cut = table.with_columns(pl.col("evidence", "rationale").str.slice(0, 200))
+    h = [f"<h2>{title}</h2>", f"<p>{html.escape(intro)}</p>", _table(cut, _REVIEW_COLS)]
+    md = [f"## {title}", "", intro, "", "| " + " | ".join(_REVIEW_COLS) + " |", "|---" * len(_REVIEW_COLS) + "|",
+          *("| " + " | ".join(_md_cell(r[c] or "–") for c in _REVIEW_COLS) + " |" for r in cut.iter_rows(named=True)), ""]
     return h, md
 
 
@@ -130,6 +162,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
     finish: dict[str, int] = ctx["finish_counts"]
     sources: dict[str, int] = ctx["source_counts"]
     cal_html, cal_md = _calibration_section(ctx)
+    review_html, review_md = _review_section(ctx)
     synth_note = ('<p class="synthetic"><b>SYNTHETIC world.</b> Candidate, baseline and production logs come from '
                   "depsim's scripted synthetic agent profiles, not from real models or users.</p>") if synthetic else ""
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>depsim report {html.escape(ctx['run_key'])}</title><style>{_CSS}</style></head><body>",
@@ -141,6 +174,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
          "<p class='muted'>Rates per sampled assistant turn, weighted by inverse inclusion probability; 95% Wilson intervals on the design-effective sample size. Delta = candidate − baseline on the same turns (paired).</p>",
          _table(gated, cols, pct),
          *cal_html,
+         *review_html,
          "<h2>Data contract</h2>",
          f"<p>verdict <b>{check['verdict']}</b> · rows in {check['rows_in']} · passed {check['rows_passed']} · quarantined {check['rows_quarantined']}</p>"]
     files = pl.DataFrame([{"file": f, **c} for f, c in check.get("by_file", {}).items()],
@@ -186,7 +220,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           "| category | rate | 95% interval | baseline | delta | gate |", "|---|---:|---:|---:|---:|---|"]
     for r in gated.iter_rows(named=True):
         md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} |")
-    md += ["", *cal_md]
+    md += ["", *cal_md, *review_md]
     md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined"
            + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else "."),
            f"Sample: {ctx['sampled_turns']} of {ctx['population_turns']} turns.", ""]

@@ -7,10 +7,13 @@ table to the run store and returns it. tasks/prefect_tasks.py wraps each thinly.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import os
 import socket
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,9 @@ from tasks.progress import report
 from tasks.replay import baseline_trajectories, replay_sample
 from tasks.sample import SampleError, build_turns, filter_turns, representativeness, sample_turns
 from tasks.store import RunStore
-from tasks.taxonomy import load_taxonomy
+from tasks.taxonomy import AGGREGATE, ALL_CATEGORIES, load_taxonomy
+
+log = logging.getLogger("depsim")
 
 
 class ContractFailed(RuntimeError):
@@ -248,13 +253,109 @@ def combine_chunks(outcomes: list[ChunkOutcome], store: RunStore) -> tuple[pl.Da
 
 def stage_judge(candidate: pl.DataFrame, sample: pl.DataFrame, valid: pl.DataFrame, s: Settings,
                 store: RunStore) -> pl.DataFrame:
-    baseline = baseline_trajectories(sample, valid)
-    store.write("baseline_turns", baseline)
+    """Judge candidate and baseline turns with the same panel; write `scores`, each judge's own
+    verdicts (`judge_verdicts`) and the panel's provenance and counters (judges.json)."""
     taxonomy = load_taxonomy(s.judge.taxonomy)
-    scores = judge_trajectories(pl.concat([candidate, baseline]), valid, sample, taxonomy)
+    baseline = baseline_trajectories(sample, valid)
+    check_judge_world(s, taxonomy, list(s.judge.kinds), baseline["model"].to_list())
+    store.write("baseline_turns", baseline)
+    both = pl.concat([candidate, baseline])
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        report("judge", done, both.height)
+
+    scores, per_judge, info = judge_trajectories(both, valid, sample, taxonomy, list(s.judge.kinds), s, tick)
     store.write("scores", scores)
-    report("judge", candidate.height, candidate.height)
+    store.write("judge_verdicts", per_judge)
+    store.write_json("judges.json", info)
+    report("judge", both.height, both.height)
     return scores
+
+
+def synthetic_llm_judges(s: Settings, taxonomy: dict[str, Any], names: list[str]) -> list[str]:
+    """The enabled judges of kind llm whose endpoint is the SYNTHETIC world's scripted judge."""
+    specs = taxonomy.get("judges") or {}
+    out = []
+    for name in names:
+        spec = specs.get(name) or {}
+        if spec.get("kind", name) == "llm":
+            endpoint = getattr(s.models, str(spec.get("role", "judge")), None)
+            if endpoint is not None and endpoint.synthetic_world:
+                out.append(name)
+    return out
+
+
+def check_judge_world(s: Settings, taxonomy: dict[str, Any], names: list[str], logged_models: Iterable[str | None]) -> None:
+    """Refuse a SYNTHETIC llm judge on real transcripts: it reads the synthetic agents' hidden
+    truth, so on anything else its verdicts mean nothing.
+
+    Raises:
+        ConfigError: naming the judge and some of the real models in the data.
+    """
+    synthetic = synthetic_llm_judges(s, taxonomy, names)
+    if not synthetic:
+        return
+    from tasks.synthetic.profiles import PROFILE_NAMES
+
+    real = sorted({str(m) for m in logged_models if m not in PROFILE_NAMES})
+    if real:
+        shown = ", ".join(real[:5]) + (f" and {len(real) - 5} more" if len(real) > 5 else "")
+        raise ConfigError(
+            f"judge {', '.join(synthetic)} is bound to the SYNTHETIC judge ({s.models.judge.model}), which can only "
+            f"judge SYNTHETIC agents' transcripts, but the data holds real models' turns ({shown}): bind "
+            "models.judge to a real endpoint (e.g. --config with models.judge.base_url/model/api_key_env) or "
+            "use --judges rules")
+
+
+def judge_eval(valid: pl.DataFrame, s: Settings, names: list[str], sources: list[str], data_hash: str,
+               tick: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """Score labelled conversations with the named judges and compare with their labels.
+
+    Labels are per conversation; a conversation counts as flagged for a category when any of its
+    turns is flagged, as not flagged when every turn is scored and none is flagged, and as
+    unscored otherwise (tasks/judges/evaluate.py). Each enabled judge is measured alone and as
+    the panel combines them ("combined", what a run's rates are made of).
+
+    Returns:
+        (calibration payload for write_calibration, coverage counts, the judges' counters).
+
+    Raises:
+        ConfigError: an unknown judge, a SYNTHETIC llm judge on real data, or no labelled
+            conversation with an answered turn.
+    """
+    from tasks.judges import JudgePanel
+    from tasks.judges import evaluate as ev
+    from tasks.judges.calibrate import COMBINED, evaluation_counts, judge_entry
+
+    taxonomy = load_taxonomy(s.judge.taxonomy)
+    check_judge_world(s, taxonomy, names, valid["model"].to_list())
+    panel = JudgePanel(taxonomy, names, s)
+    provenance = panel.provenance()
+    flags = ev.run(valid, panel, tick=tick)
+    judged = [f for f in flags if f.turns]
+    labelled = [f for f in judged if f.labels]
+    if not labelled:
+        raise ConfigError(f"{', '.join(sources)}: no conversation with an answered turn has `labels`: nothing to "
+                          "compare the judges with")
+    cats = [c for c in ALL_CATEGORIES if any(c in f.labels for f in judged)]
+    combined_prov = {"kind": "panel", "judges": list(panel.judges),
+                     "combine": {c: p.combine for c, p in panel.plans.items()}}
+    judges = {COMBINED: judge_entry(combined_prov, evaluation_counts(flags, COMBINED, cats))}
+    for name in panel.judges:
+        scored = [c for c in cats if c == AGGREGATE or name in panel.plans[c].judges]
+        judges[name] = judge_entry(provenance[name], evaluation_counts(flags, name, scored))
+    single = all(f.turns == 1 for f in labelled)
+    payload = {"data": sources, "data_hash": data_hash, "unit": "turn" if single else "conversation",
+               "turns_per_unit": 1 if single else round(sum(f.turns for f in labelled) / len(labelled), 4),
+               "panel": list(names), "judges": judges}
+    coverage = {"conversations": len(flags), "no_answered_turn": len(flags) - len(judged),
+                "turns": sum(f.turns for f in flags), "labelled_conversations": len(labelled),
+                "labelled": {c: sum(c in f.labels for f in judged) for c in ALL_CATEGORIES},
+                "unlabelled": {c: sum(c not in f.labels for f in judged) for c in ALL_CATEGORIES}}
+    return payload, coverage, panel.stats()
 
 
 def stage_estimate(scores: pl.DataFrame, sample: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, pl.DataFrame, str]:
@@ -274,6 +375,66 @@ def stage_estimate(scores: pl.DataFrame, sample: pl.DataFrame, s: Settings, stor
     return est, gated, overall(gated)
 
 
+def _local_json(store: RunStore, name: str) -> Any:
+    """A JSON file an earlier stage of this run wrote (judge and estimate run in the flow's process)."""
+    path = store.local / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def stage_correct(estimates: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame | None, dict[str, Any] | None]:
+    """Rogan–Gladen corrected rates (candidate and baseline) with judge.calibration, if set.
+
+    Writes `corrected` and calibration.json (what was used: the file's summary, its sha256, the
+    judges it measured and any mismatch with this run's judges) to the run store. A calibration
+    of other judges, or other judge versions, is used but warned about (report, log, MLflow).
+
+    Returns:
+        (corrected table, calibration summary for the report and MLflow), or (None, None).
+
+    Raises:
+        CalibrationError: the file is missing or invalid (a ConfigError).
+    """
+    if not s.judge.calibration:
+        return None, None
+    from tasks.estimate import corrected
+    from tasks.judges.calibrate import judge_versions, read_calibration, version_warnings
+
+    cal = read_calibration(s.judge.calibration)
+    info = _local_json(store, "judges.json") or {}
+    run_prov: dict[str, Any] = info.get("provenance") or {k: {} for k in s.judge.kinds}
+    warnings = version_warnings(cal, run_prov)
+    for w in warnings:
+        log.warning("calibration %s: %s", cal.path, w)
+    table = corrected(estimates, cal, s.run.seed, panel=list(run_prov))
+    summary = {**cal.summary(), "sha256": hashlib.sha256(Path(cal.path).read_bytes()).hexdigest(),
+               "judge_versions": {name: judge_versions(e.get("provenance") or {}) for name, e in cal.judges.items()},
+               "run_judge_versions": {name: judge_versions(p) for name, p in run_prov.items()},
+               "warnings": warnings}
+    store.write("corrected", table)
+    store.write_json("calibration.json", summary)
+    report("correct", table.height, table.height)
+    return table, summary
+
+
+def judge_review(store: RunStore, limit: int = 50) -> dict[str, Any]:
+    """The panel's judges and where they (or an LLM judge's samples) disagreed, for the report.
+
+    The full list is written to the run store as `judge_disagreements`.
+    """
+    from tasks.judge import disagreements
+
+    info = _local_json(store, "judges.json") or {}
+    path = store.local / "judge_verdicts.parquet"
+    rows = pl.read_parquet(path) if path.is_file() else pl.DataFrame()
+    found = disagreements(rows, limit=max(rows.height, 1)) if rows.height else None
+    if found is not None:
+        store.write("judge_disagreements", found)
+    sampled = bool(rows.height) and rows["votes"].is_not_null().any()
+    return {"judges": list((info.get("provenance") or {}).keys()), "sampled": sampled,
+            "disagreements": found.head(limit) if found is not None else None,
+            "n_disagreements": found.height if found is not None else 0}
+
+
 def replay_counts(traj: pl.DataFrame) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """(finish reasons, error reasons, tool-result sources) of the candidate trajectories."""
     finish = dict(Counter(traj["finish"].to_list()))
@@ -288,16 +449,28 @@ def replay_counts(traj: pl.DataFrame) -> tuple[dict[str, int], dict[str, int], d
 def stage_report(ctx: dict[str, Any], store: RunStore) -> tuple[str, str]:
     from tasks.report import render
 
+    if "review" not in ctx:
+        ctx = {**ctx, "review": judge_review(store)}
     page, md = render(ctx)
     store.write_text("report.md", md)
     return store.write_text("report.html", page), md
 
 
 def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, str]:
-    from tasks.tracking import default_tracking_uri, log_run, metrics_of
+    from tasks.tracking import (
+        corrected_metrics_of,
+        default_tracking_uri,
+        judge_metrics_of,
+        log_run,
+        metrics_of,
+    )
 
     store.write_json("config.json", s.public_dict())
     metrics = metrics_of(ctx["gated"], ctx["estimates"])
+    judges = _local_json(store, "judges.json") or {}
+    metrics.update(judge_metrics_of(judges.get("stats") or {}))
+    if ctx.get("corrected") is not None:
+        metrics.update(corrected_metrics_of(ctx["corrected"]))
     check = ctx["check"]
     metrics.update({"contract.rows_in": check["rows_in"], "contract.rows_passed": check["rows_passed"],
                     "contract.rows_quarantined": check["rows_quarantined"],
@@ -317,7 +490,16 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                     "replay.prompt_tokens": ctx["prompt_tokens"], "replay.completion_tokens": ctx["completion_tokens"],
                     "elapsed_s": ctx["elapsed_s"]})
     params = {"config": s.public_dict(), "dataset_hash": ctx["dataset_hash"], "sample_size": ctx["sampled_turns"],
-              "roles": {r: getattr(s.models, r).model for r in ("candidate", "baseline", "simulator", "judge")}}
+              "roles": {r: getattr(s.models, r).model for r in ("candidate", "baseline", "simulator", "judge")},
+              "judges": {"panel": ",".join(judges.get("provenance") or s.judge.kinds),
+                         **(judges.get("provenance") or {})}}
+    cal = ctx.get("calibration")
+    if cal:
+        params["calibration"] = {"path": cal["path"], "sha256": cal["sha256"], "created_at": cal["created_at"],
+                                 "data": ",".join(cal["data"]), "data_hash": cal["data_hash"], "unit": cal["unit"],
+                                 "turns_per_unit": cal["turns_per_unit"], "panel": ",".join(cal["panel"]),
+                                 "judge_versions": cal["judge_versions"],
+                                 "warnings": " | ".join(cal["warnings"]) or "none"}
     tags = {"depsim.verdict": ctx["verdict"], "depsim.candidate": ctx["candidate"],
             "depsim.baseline": ctx["baseline"], "depsim.world": "synthetic" if ctx["synthetic"] else "real",
             "depsim.run_key": ctx["run_key"]}

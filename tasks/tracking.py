@@ -44,6 +44,41 @@ def metrics_of(gated: pl.DataFrame, estimates: pl.DataFrame) -> dict[str, float]
     return {k: float(v) for k, v in m.items() if v is not None and v == v}
 
 
+def corrected_metrics_of(corrected: pl.DataFrame) -> dict[str, float]:
+    """Corrected rates beside the raw ones: `<cat>.corrected_rate|lower|upper`, the calibration's
+    `<cat>.sensitivity|specificity`, and the baseline's `<cat>.baseline_corrected_rate|lower|upper`
+    (as `<cat>.baseline_rate` is the baseline's raw rate). No metric where there is no number."""
+    m: dict[str, float | None] = {}
+    for r in corrected.iter_rows(named=True):
+        c = r["category"]
+        if r["side"] == "candidate":
+            m.update({f"{c}.corrected_rate": r["corrected_rate"], f"{c}.corrected_lower": r["corrected_lower"],
+                      f"{c}.corrected_upper": r["corrected_upper"], f"{c}.sensitivity": r["sensitivity"],
+                      f"{c}.specificity": r["specificity"]})
+        elif r["side"] == "baseline":
+            m.update({f"{c}.baseline_corrected_rate": r["corrected_rate"],
+                      f"{c}.baseline_corrected_lower": r["corrected_lower"],
+                      f"{c}.baseline_corrected_upper": r["corrected_upper"]})
+    return {k: float(v) for k, v in m.items() if v is not None and v == v}
+
+
+def judge_metrics_of(stats: dict[str, int]) -> dict[str, float]:
+    """The judge panel's counters (`<judge>.<counter>`, e.g. llm.requests) as `judge.<judge>.<counter>`."""
+    return {f"judge.{k}": float(v) for k, v in stats.items() if isinstance(v, int | float)}
+
+
+def evaluation_metrics_of(judges: dict[str, Any]) -> dict[str, float]:
+    """A calibration's `judges` entries as `<judge>.<category>.<metric>` (counts, precision,
+    recall, f1, kappa, sensitivity and specificity with their Wilson bounds, ...)."""
+    m: dict[str, float] = {}
+    for judge, entry in judges.items():
+        for cat, values in entry.get("categories", {}).items():
+            for k, v in values.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and v == v:
+                    m[f"{judge}.{cat}.{k}"] = float(v)
+    return m
+
+
 def log_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
             metrics: dict[str, float], tags: dict[str, str], artifact_dir: Path) -> tuple[str, str]:
     """Create the MLflow run with everything; returns (run id, experiment id)."""

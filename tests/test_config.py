@@ -85,3 +85,15 @@ def test_llm_source_with_real_candidate_needs_a_real_simulator() -> None:
     s = load_settings(overrides={"replay": {"simulator_chain": ["recorded", "llm"]},
                                  "models": {"candidate": real, "simulator": real}})
     assert not s.models.simulator.synthetic
+
+
+def test_synthetic_llm_judge_refused_for_a_real_candidate() -> None:
+    real = {"candidate": {"base_url": "https://api.example.com/v1", "model": "gpt-4.1-mini"}}
+    with pytest.raises(ConfigError, match=r"models\.judge is the SYNTHETIC judge"):
+        load_settings(overrides={"judge": {"kinds": ["rules", "llm"]}, "models": real})
+    # rules only, a real judge endpoint, or a synthetic candidate on a serve-synthetic port: fine
+    assert load_settings(overrides={"models": real}).judge.kinds == ["rules"]
+    judge = {"judge": {"base_url": "https://judge.example.com/v1", "model": "judge-model"}}
+    assert load_settings(overrides={"judge": {"kinds": ["llm"]}, "models": {**real, **judge}}).judge.kinds == ["llm"]
+    served = {"candidate": {"base_url": "http://127.0.0.1:8089/v1", "model": "synthetic-agent-v2"}}
+    assert load_settings(overrides={"judge": {"kinds": ["llm"]}, "models": served}).models.candidate.synthetic_world

@@ -50,12 +50,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from tasks.config import ConfigError
 from tasks.estimate import wilson
+from tasks.taxonomy import AGGREGATE, UNSAFE
 
 VERSION = 1
 UNITS = ("conversation", "turn")
@@ -143,6 +144,75 @@ def metrics(counts: Counts) -> dict[str, Any]:
 def judge_entry(provenance: Mapping[str, Any], counts: Mapping[str, Counts]) -> dict[str, Any]:
     """One `judges` entry of the calibration file: provenance and per-category metrics."""
     return {"provenance": dict(provenance), "categories": {cat: metrics(c) for cat, c in counts.items()}}
+
+
+class Labelled(Protocol):
+    """What `evaluation_counts` reads of a labelled unit (tasks.judges.evaluate.ConversationFlags)."""
+
+    labels: dict[str, bool]
+    turns: int
+    flags: dict[str, dict[str, bool | None]]
+
+
+def flag_of(judge_flags: Mapping[str, bool | None], category: str) -> bool | None:
+    """A unit's flag for a category from one judge's flags (None = unscored or not judged).
+
+    A single judge has no unsafe_any of its own: it is then the aggregate of the unsafe
+    categories that judge scored, as the panel computes it (true if any is true; unscored if
+    none is true and any is unscored).
+    """
+    if category in judge_flags or category != AGGREGATE:
+        return judge_flags.get(category)
+    parts = [judge_flags[c] for c in UNSAFE if c in judge_flags]
+    if any(parts):
+        return True
+    return None if not parts or None in parts else False
+
+
+def evaluation_counts(units: Iterable[Labelled], judge: str, categories: Iterable[str]) -> dict[str, Counts]:
+    """Per category, the 2×2 table of a judge's flags against the labels.
+
+    Only units with at least one judged turn and a label for the category count; a category
+    with no such unit is left out.
+    """
+    units = list(units)
+    out: dict[str, Counts] = {}
+    for cat in categories:
+        pairs = [(u.labels[cat], flag_of(u.flags.get(judge, {}), cat)) for u in units if u.turns and cat in u.labels]
+        if pairs:
+            out[cat] = confusion(pairs)
+    return out
+
+
+# Provenance fields that change a judge's verdicts (base_url and seed do not, for a fixed model).
+VERSION_KEYS = ("kind", "version", "model", "prompt_hash", "temperature", "samples")
+
+
+def version_warnings(cal: Calibration, run_provenance: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Where the run's judges are not the judges the calibration measured (one line each)."""
+    out: list[str] = []
+    if sorted(set(cal.panel)) != sorted(run_provenance):
+        out.append(f"the calibration measured the panel [{', '.join(cal.panel)}], this run's panel is "
+                   f"[{', '.join(run_provenance)}]")
+    for name, prov in run_provenance.items():
+        entry = cal.judges.get(name)
+        if entry is None:
+            out.append(f"the calibration has no entry for judge {name!r}")
+            continue
+        then = entry.get("provenance") or {}
+        diffs = [f"{k} {then.get(k)!r} → {prov.get(k)!r}" for k in VERSION_KEYS
+                 if (k in then or k in prov) and then.get(k) != prov.get(k)]
+        if diffs:
+            out.append(f"judge {name!r} changed since the calibration: {', '.join(diffs)}")
+    return out
+
+
+def judge_versions(provenance: Mapping[str, Any]) -> str:
+    """A judge's identity in one string (e.g. "rules 2", "llm 1 gpt-4.1@3f2a…")."""
+    parts = [str(provenance.get(k)) for k in ("kind", "version", "model") if provenance.get(k) is not None]
+    if provenance.get("prompt_hash"):
+        parts.append(f"prompt {str(provenance['prompt_hash'])[:12]}")
+    return " ".join(parts)
 
 
 # --- the calibration file ---------------------------------------------------------------
@@ -363,7 +433,7 @@ def corrected_rate(p: float, n_eff: float, sens_counts: tuple[int, int], spec_co
 
 
 __all__ = [
-    "COMBINED", "UNITS", "VERSION", "Calibration", "CalibrationError", "Counts", "confusion",
-    "corrected_rate", "judge_entry", "metrics", "read_calibration", "rogan_gladen", "validate",
-    "write_calibration",
+    "COMBINED", "UNITS", "VERSION", "VERSION_KEYS", "Calibration", "CalibrationError", "Counts", "Labelled",
+    "confusion", "corrected_rate", "evaluation_counts", "flag_of", "judge_entry", "judge_versions", "metrics",
+    "read_calibration", "rogan_gladen", "validate", "version_warnings", "write_calibration",
 ]
