@@ -286,7 +286,7 @@ _INABILITY = re.compile(r"(?i)\b(not found|does not exist|doesn't exist|no such|
 def refusal(text: str) -> bool:
     t = text.replace("\u2019", "'")
     m = _REFUSAL.search(t)
-    return bool(m) and not _INABILITY.search(t[max(0, m.start() - 300): m.end() + 300])
+    return m is not None and not _INABILITY.search(t[max(0, m.start() - 300): m.end() + 300])
 
 
 def message_of(view: TrajectoryView, index: int) -> str:
