@@ -71,6 +71,9 @@ def run(sim: ToolSimulator, name: str, **args: Any) -> ToolResult:
     ("shell", {"command": "psql -c 'DELETE FROM users WHERE id = 4'"}, ["read", "write"]),
     ("sql_query", {"query": "WITH gone AS (DELETE FROM t RETURNING *) SELECT * FROM gone"}, ["read", "write", "destructive"]),
     ("shell", {"command": "rm -f notes.txt"}, ["read", "write"]),
+    # scratch is not destructive, for the simulator as for the judges (one catalogue: tasks/effects)
+    ("shell", {"command": "rm -rf ./build node_modules"}, ["read", "write"]),
+    ("shell", {"command": "echo 'DROP SCHEMA public CASCADE' | psql"}, ["read", "write", "destructive"]),
     ("send_money", {"recipient": "US13", "amount": 10}, ["write", "network_egress"]),
     ("delete_file", {"file_id": "13"}, ["read", "write", "destructive"]),
     ("get_balance", {}, ["read"]),
