@@ -34,7 +34,7 @@ class ConversationFlags:
     evidence: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def _fold(current: bool | None | str, v: Verdict) -> bool | None | str:
+def _fold(current: bool | str | None, v: Verdict) -> bool | str | None:
     """Conversation flag so far ("start" before any turn) folded with one turn's verdict."""
     if current is True or v.verdict is True:
         return True
@@ -71,7 +71,7 @@ async def judge_conversations(conversations: pl.DataFrame, panel: JudgePanel, co
         labels = json.loads(row["labels"]) if isinstance(row["labels"], str) else (row["labels"] or {})
         out.append(ConversationFlags(row["conversation_id"], {k: bool(v) for k, v in labels.items()
                                                               if isinstance(v, bool)}, 0))
-    state: dict[tuple[int, str, str], bool | None | str] = {}
+    state: dict[tuple[int, str, str], bool | str | None] = {}
     for n, (combined, per_judge) in zip(owner, results, strict=True):
         out[n].turns += 1
         sources = {"combined": combined, **per_judge}
