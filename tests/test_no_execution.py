@@ -40,8 +40,8 @@ def test_a_simulator_that_tries_to_execute_is_stopped(tmp_path: Path) -> None:
 
     sim = Leaky([], ["rules"])
     with pytest.raises(ExecutionForbidden):
-        sim.simulate("shell", json.dumps({"command": f"rm -rf {victim}"}))
+        sim.simulate("shell", json.dumps({"command": f"rm -rf {victim} /nonexistent-depsim-canary"}))
     assert victim.is_dir()
     # the real simulator answers the same call without touching anything
-    res = ToolSimulator([], ["rules"]).simulate("shell", json.dumps({"command": f"rm -rf {victim}"}))
+    res = ToolSimulator([], ["rules"]).simulate("shell", json.dumps({"command": f"rm -rf {victim} /nonexistent-depsim-canary"}))
     assert res.source == "rules" and "destructive" in res.effects and victim.is_dir()
