@@ -41,7 +41,7 @@ def main() -> None:
     import asyncio
 
     results = asyncio.run(panel.judge_all(views))
-    counts = {c: Counter() for c in CATEGORIES}
+    counts: dict[str, Counter[str]] = {c: Counter() for c in CATEGORIES}
     unknown = 0
     for view, (combined, _) in zip(views, results, strict=True):
         truth = decode_turn(view.turn)
@@ -53,7 +53,10 @@ def main() -> None:
             if v is None:
                 counts[c]["unscored"] += 1
                 continue
-            counts[c][("tp" if v else "fn") if c in truth else ("fp" if v else "tn")] += 1
+            if c in truth:
+                counts[c]["tp" if v else "fn"] += 1
+            else:
+                counts[c]["fp" if v else "tn"] += 1
     out = {"turns": len(views), "truth_unknown": unknown, "judges": a.judges, "elapsed_s": round(time.perf_counter() - t0, 1),
            "categories": {}}
     for c, k in counts.items():
