@@ -8,6 +8,10 @@ Wilson interval. Unscored turns stay in the denominator of the bounds: the lower
 them as negatives and the upper bound as positives, so missing verdicts widen the interval
 instead of vanishing.
 
+The paired delta candidate − baseline has Tango's score interval on the design-effective number
+of pairs (`delta_interval`): valid for rare outcomes, where a Wald interval collapses to a point
+when no pair is discordant.
+
 Where a judge calibration exists, `corrected` adds Rogan–Gladen corrected rates whose interval
 also carries the calibration's own uncertainty (method in tasks/judges/calibrate.py).
 """
@@ -71,8 +75,25 @@ def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
     return p, lo, hi, n_eff
 
 
+def min_detectable_rate(w: np.ndarray, power: float = 0.95) -> float:
+    """The smallest rate a sample with weights `w` detects: P(at least one positive) = `power`.
+
+    On Kish's effective size n (weights only, not the outcomes): 1 − (1 − power)^(1/n), about 3/n
+    at 95% (the rule of three). A category with no positive and a true rate below this may simply
+    not have shown up yet; its Wilson upper bound at 0 is of the same size.
+    """
+    if len(w) == 0 or w.sum() <= 0:
+        return 1.0
+    kish = float(w.sum() ** 2 / (w * w).sum())
+    return float(1.0 - (1.0 - power) ** (1.0 / kish))
+
+
 def estimate(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
-    """Per side × category estimates (rate, bounds, counts)."""
+    """Per side × category estimates (rate, bounds, counts, smallest detectable rate).
+
+    The columns are ESTIMATE_SCHEMA's (tasks/records.py) plus `min_detectable_rate`
+    (`min_detectable_rate` on the scored turns' weights).
+    """
     design = sample.select("turn_id", "weight", "stratum", "conversation_id")
     joined = scores.join(design.drop("conversation_id"), on="turn_id", how="left").sort("side", "category", "turn_id")
     rows: list[dict[str, Any]] = []
@@ -92,29 +113,94 @@ def estimate(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
             hi = rate_interval(y_hi, w_all, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy())[2]
         rows.append({"category": cat, "side": side, "model": grp["model"][0], "n": n_all,
                      "n_unscored": n_unscored, "positives": int(y.sum()), "rate": p, "lower": lo,
-                     "upper": hi, "n_eff": n_eff, "method": "wilson-design-neff", "unit": "assistant_turn"})
+                     "upper": hi, "n_eff": n_eff, "method": "wilson-design-neff", "unit": "assistant_turn",
+                     "min_detectable_rate": min_detectable_rate(w)})
     order = {c: i for i, c in enumerate(ALL_CATEGORIES)}
     return pl.DataFrame(rows).sort(pl.col("category").replace_strict(order, default=99), "side")
 
 
+def tango(b: np.ndarray, c: np.ndarray, n: np.ndarray, z: float = Z) -> tuple[np.ndarray, np.ndarray]:
+    """Tango's score interval for a paired difference of proportions (vectorised).
+
+    `b` counts pairs positive on the first side only, `c` on the second side only, `n` all pairs
+    (effective counts may be fractional). The difference is (b - c) / n. The interval is the set of
+    Δ where |(b - c - nΔ)| ≤ z·sqrt(n(2p̃ + Δ(1 - Δ))), p̃ the MLE of the second side's discordant
+    share under the constraint p_b - p_c = Δ (Tango 1998, Statist. Med. 17:891). With no discordant
+    pair it is [-z²/(n+z²), z²/(n+z²)], the Wilson bound at 0: it never collapses to a point.
+    """
+    b, c, n = (np.asarray(v, dtype=float) for v in (b, c, n))
+    est = (b - c) / n
+
+    def score(delta: np.ndarray) -> np.ndarray:
+        qa = 2 * n
+        qb = -b - c + (2 * n - b + c) * delta
+        qc = -c * delta * (1 - delta)
+        p01 = (-qb + np.sqrt(np.maximum(qb * qb - 4 * qa * qc, 0.0))) / (2 * qa)
+        var = np.maximum(n * (2 * p01 + delta * (1 - delta)), 1e-300)
+        return (b - c - n * delta) / np.sqrt(var)
+
+    # The score falls with Δ: bisect for score = +z below the estimate and -z above it.
+    lo_a, lo_b = np.full_like(est, -1.0), est.copy()
+    hi_a, hi_b = est.copy(), np.full_like(est, 1.0)
+    for _ in range(60):
+        mid = (lo_a + lo_b) / 2
+        above = score(mid) > z
+        lo_a, lo_b = np.where(above, mid, lo_a), np.where(above, lo_b, mid)
+        mid = (hi_a + hi_b) / 2
+        below = score(mid) < -z
+        hi_a, hi_b = np.where(below, hi_a, mid), np.where(below, mid, hi_b)
+    lower = np.where(score(np.full_like(est, -1.0)) <= z, -1.0, lo_b)
+    upper = np.where(score(np.full_like(est, 1.0)) >= -z, 1.0, hi_a)
+    return np.minimum(lower, est), np.maximum(upper, est)
+
+
+def delta_interval(yc: np.ndarray, yb: np.ndarray, w: np.ndarray, strata: np.ndarray,
+                   clusters: np.ndarray) -> tuple[float, float, float, float]:
+    """(delta, lower, upper, n_eff) for paired 0/1 outcomes: candidate yc − baseline yb.
+
+    Tango's score interval on the design-effective number of pairs, as the rates use Wilson's:
+    the weighted discordant shares p10 (candidate only) and p01 (baseline only) give the estimate
+    p10 − p01; the linearised variance V of the paired difference over conversations within
+    strata gives n_eff = (p10 + p01 − Δ²)/V, the n for which a simple random sample of pairs
+    would have that variance (Kish's n_eff when no pair is discordant). The score interval stays
+    valid for rare outcomes, where Wald's collapses to a point.
+    """
+    if len(yc) == 0:
+        return float("nan"), -1.0, 1.0, 0.0
+    yc, yb = yc.astype(float), yb.astype(float)
+    W = w.sum()
+    p10 = float((w * (yc * (1 - yb))).sum() / W)
+    p01 = float((w * (yb * (1 - yc))).sum() / W)
+    est = p10 - p01
+    kish = float(W * W / (w * w).sum())
+    var = _lin_var(yc - yb, w, strata, clusters)
+    spread = p10 + p01 - est * est
+    n_eff = spread / var if var > 0 and spread > 0 else kish
+    lo, hi = tango(np.array([p10 * n_eff]), np.array([p01 * n_eff]), np.array([n_eff]))
+    return est, max(-1.0, float(lo[0])), min(1.0, float(hi[0])), n_eff
+
+
+DELTA_SCHEMA: dict[str, Any] = {"category": pl.String, "n_paired": pl.Int64, "delta": pl.Float64,
+                                "delta_lower": pl.Float64, "delta_upper": pl.Float64}
+
+
 def paired_delta(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
-    """Candidate − baseline per category on turns scored on both sides (paired design)."""
+    """Candidate − baseline per category on turns scored on both sides (paired design).
+
+    The interval is Tango's score interval on the design-effective number of pairs
+    (`delta_interval`).
+    """
     design = sample.select("turn_id", "weight", "stratum", "conversation_id")
     c = scores.filter(pl.col("side") == "candidate").select("turn_id", "category", yc="verdict")
     b = scores.filter(pl.col("side") == "baseline").select("turn_id", "category", yb="verdict")
     both = c.join(b, on=["turn_id", "category"]).drop_nulls().join(design, on="turn_id").sort("category", "turn_id")
     rows = []
     for (cat,), grp in both.group_by("category", maintain_order=True):
-        d = (grp["yc"].cast(pl.Int8) - grp["yb"].cast(pl.Int8)).to_numpy().astype(float)
-        w = grp["weight"].to_numpy()
-        est = float((w * d).sum() / w.sum())
-        var = _lin_var(d, w, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy())
-        n = len(d)
-        half = Z * math.sqrt(var) if var > 0 else Z * Z / n
-        rows.append({"category": cat, "n_paired": n, "delta": est,
-                     "delta_lower": max(-1.0, est - half), "delta_upper": min(1.0, est + half)})
-    return pl.DataFrame(rows, schema={"category": pl.String, "n_paired": pl.Int64, "delta": pl.Float64,
-                                      "delta_lower": pl.Float64, "delta_upper": pl.Float64})
+        est, lo, hi, _ = delta_interval(grp["yc"].cast(pl.Int8).to_numpy(), grp["yb"].cast(pl.Int8).to_numpy(),
+                                        grp["weight"].to_numpy(), grp["stratum"].to_numpy(),
+                                        grp["conversation_id"].to_numpy())
+        rows.append({"category": cat, "n_paired": grp.height, "delta": est, "delta_lower": lo, "delta_upper": hi})
+    return pl.DataFrame(rows, schema=DELTA_SCHEMA)
 
 
 def gate(estimates: pl.DataFrame, deltas: pl.DataFrame, gates: dict[str, Any]) -> pl.DataFrame:

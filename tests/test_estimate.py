@@ -11,7 +11,18 @@ import polars as pl
 import pytest
 
 from tasks.config import read_conf_yaml
-from tasks.estimate import Z, estimate, gate, overall, paired_delta, rate_interval, wilson
+from tasks.estimate import (
+    Z,
+    delta_interval,
+    estimate,
+    gate,
+    min_detectable_rate,
+    overall,
+    paired_delta,
+    rate_interval,
+    tango,
+    wilson,
+)
 
 # --- wilson -----------------------------------------------------------------------------
 
@@ -187,18 +198,80 @@ def test_estimate_orders_by_taxonomy() -> None:
     assert est["category"].to_list() == ["destructive_action", "unsafe_any"]
 
 
+def test_min_detectable_rate_is_the_rule_of_three() -> None:
+    assert min_detectable_rate(np.ones(1000)) == pytest.approx(1 - 0.05 ** (1 / 1000))
+    assert min_detectable_rate(np.ones(1000)) == pytest.approx(3 / 1000, rel=0.01)
+    # P(no positive at that rate) is 5%
+    r = min_detectable_rate(np.ones(300))
+    assert (1 - r) ** 300 == pytest.approx(0.05)
+    # unequal weights lower Kish's n, so a larger rate is needed
+    assert min_detectable_rate(np.array([1.0] * 999 + [50.0])) > min_detectable_rate(np.ones(1000))
+    assert min_detectable_rate(np.array([])) == 1.0
+
+
+def test_estimate_reports_min_detectable_rate() -> None:
+    est = estimate(*frames([False] * 500, [False] * 500))
+    assert est["min_detectable_rate"].to_list() == pytest.approx([min_detectable_rate(np.ones(500))] * 2)
+    # of the same size as the Wilson upper bound at 0 for that n
+    assert est["upper"][0] == pytest.approx(est["min_detectable_rate"][0], rel=0.35)
+
+
 # --- paired_delta -----------------------------------------------------------------------
+
+def _tango_score(b: float, c: float, n: float, delta: float) -> float:
+    """Tango's score statistic with the constrained MLE found numerically (independent of tango())."""
+    from scipy.optimize import minimize_scalar
+
+    def nll(p: float) -> float:
+        return -(b * math.log(max(p + delta, 1e-300)) + c * math.log(max(p, 1e-300))
+                 + (n - b - c) * math.log(max(1 - 2 * p - delta, 1e-300)))
+
+    lo, hi = max(0.0, -delta) + 1e-12, (1 - delta) / 2 - 1e-12
+    p01 = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-13}).x
+    return (b - c - n * delta) / math.sqrt(n * (2 * p01 + delta * (1 - delta)))
+
+
+@pytest.mark.parametrize("b,c,n", [(5, 2, 100), (30, 10, 100), (0, 4, 80), (1, 0, 2000), (12, 3, 2000)])
+def test_tango_bounds_are_where_the_score_statistic_is_z(b: int, c: int, n: int) -> None:
+    lo, hi = tango(np.array([b]), np.array([c]), np.array([n]))
+    assert _tango_score(b, c, n, float(lo[0])) == pytest.approx(Z, abs=1e-5)
+    assert _tango_score(b, c, n, float(hi[0])) == pytest.approx(-Z, abs=1e-5)
+    lo2, hi2 = tango(np.array([c]), np.array([b]), np.array([n]))  # swapping the sides mirrors it
+    assert (lo2[0], hi2[0]) == pytest.approx((-hi[0], -lo[0]), abs=1e-9)
+
+
+def test_tango_without_discordant_pairs_is_the_wilson_bound_at_zero() -> None:
+    lo, hi = tango(np.array([0.0]), np.array([0.0]), np.array([200.0]))
+    assert hi[0] == pytest.approx(wilson(0.0, 200)[1], abs=1e-9) and lo[0] == pytest.approx(-hi[0], abs=1e-9)
+
+
+def test_delta_interval_for_a_simple_random_sample_is_plain_tango() -> None:
+    cand = np.array([1] * 20 + [0] * 80)
+    base = np.array([1] * 5 + [0] * 95)
+    est, lo, hi, n_eff = delta_interval(cand, base, np.ones(100), np.zeros(100), np.arange(100))
+    assert est == pytest.approx(0.15) and n_eff == pytest.approx(100)
+    t_lo, t_hi = tango(np.array([15]), np.array([0]), np.array([100]))
+    assert (lo, hi) == pytest.approx((t_lo[0], t_hi[0]), abs=1e-9)
+
+
+def test_delta_interval_clustered_pairs_widen_the_interval() -> None:
+    cand = np.repeat([1] * 10 + [0] * 40, 2)
+    base = np.repeat([1] * 2 + [0] * 48, 2)
+    w, s = np.ones(100), np.zeros(100)
+    _, lo_ind, hi_ind, n_ind = delta_interval(cand, base, w, s, np.arange(100))
+    _, lo_cl, hi_cl, n_cl = delta_interval(cand, base, w, s, np.repeat(np.arange(50), 2))
+    assert n_cl == pytest.approx(n_ind / 2)
+    assert lo_cl < lo_ind and hi_cl > hi_ind
+
 
 def test_paired_delta_sign_and_interval() -> None:
     cand = [True] * 20 + [False] * 80
     base = [True] * 5 + [False] * 95
     up = paired_delta(*frames(cand, base)).row(0, named=True)
-    d = np.array(cand, dtype=float) - np.array(base, dtype=float)
-    half = Z * d.std(ddof=0) / math.sqrt(len(d))  # plug-in variance, as for the rates
+    t_lo, t_hi = tango(np.array([15]), np.array([0]), np.array([100]))
     assert up["n_paired"] == 100
     assert up["delta"] == pytest.approx(0.15)
-    assert up["delta_lower"] == pytest.approx(0.15 - half)
-    assert up["delta_upper"] == pytest.approx(0.15 + half)
+    assert (up["delta_lower"], up["delta_upper"]) == pytest.approx((t_lo[0], t_hi[0]))
     assert up["delta_lower"] > 0
     down = paired_delta(*frames(base, cand)).row(0, named=True)
     assert down["delta"] == pytest.approx(-0.15)
@@ -206,10 +279,20 @@ def test_paired_delta_sign_and_interval() -> None:
 
 
 def test_paired_delta_identical_sides() -> None:
+    # No discordant pair: the interval is the Wilson bound at 0 either way, never a point.
     row = paired_delta(*frames([True, False] * 10, [True, False] * 10)).row(0, named=True)
     assert row["delta"] == 0.0
-    assert row["delta_lower"] == pytest.approx(-Z * Z / 20)
-    assert row["delta_upper"] == pytest.approx(Z * Z / 20)
+    assert row["delta_lower"] == pytest.approx(-wilson(0.0, 20)[1])
+    assert row["delta_upper"] == pytest.approx(wilson(0.0, 20)[1])
+
+
+def test_paired_delta_rare_discordance_is_not_a_point() -> None:
+    # One discordant pair in 2,000: Wald's interval would be [0.0005 ± 0.00098] (lower < 0 but
+    # symmetric); the score interval is skewed towards the observed direction and contains 0.
+    cand = [True] + [False] * 1999
+    row = paired_delta(*frames(cand, [False] * 2000)).row(0, named=True)
+    assert row["delta_lower"] < 0 < row["delta"] < row["delta_upper"]
+    assert row["delta_upper"] - row["delta"] > row["delta"] - row["delta_lower"]
 
 
 def test_paired_delta_uses_only_turns_scored_on_both_sides() -> None:
