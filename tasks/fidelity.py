@@ -1,7 +1,9 @@
 """Simulator fidelity: how close simulated tool results come to what production returned.
 
 Every recorded call is answered again by the tool simulator, built from the same recording with
-that call's own result withheld, and the simulated result is compared with the recorded one:
+the replay point just before that call (its own result withheld, and nothing the production model
+did after it in the world: tasks/toolsim.py), and the simulated result is compared with the
+recorded one:
 
 - ``exact``: the same text (surrounding whitespace aside);
 - ``structural``: not the same text but the same shape: JSON with the same keys and value types,
@@ -109,10 +111,9 @@ def fidelity(conversations: pl.DataFrame, chain: list[str], *, simulator: Endpoi
                 continue
             content = msg.get("content")
             recorded = content if isinstance(content, str) else json.dumps(content)
-            withheld = messages[:k] + messages[k + 1:]
             fn = call.get("function") or {}
             name = str(fn.get("name", ""))
-            sim = ToolSimulator(withheld, chain)
+            sim = ToolSimulator(messages, chain, before_call=call.get("id"))
             row: dict[str, Any] = {"conversation_id": rec["conversation_id"], "call_id": call.get("id"),
                                    "tool": fn.get("name"), "source": None, "match": None}
             rows.append(row)

@@ -33,6 +33,7 @@ import polars as pl
 
 from tasks.cache import ModelCache
 from tasks.config import Endpoint, Models, ReplayCfg
+from tasks.effects import is_test_command
 from tasks.models import BudgetExceeded, ChatModel, ChatResult, ModelCallError
 from tasks.records import TRAJECTORY_SCHEMA
 from tasks.simulator_llm import LLMSimulator, failed, tool_schemas
@@ -70,9 +71,12 @@ async def _ask_llm(simulator: LLMSimulator | None, sim: ToolSimulator, req: LLMR
                    tool: dict[str, Any] | None, trajectory: list[dict[str, Any]]) -> ToolResult:
     """Put a call to the `llm` source (outside the guard) and fold its result into the world."""
     if simulator is None:
-        return failed(req, "simulator_unconfigured", "the chain includes llm but no simulator endpoint was given")
-    res = await simulator.answer(req, tool, trajectory, sim.state)
-    sim.learn(req, res)
+        res = failed(req, "simulator_unconfigured", "the chain includes llm but no simulator endpoint was given")
+    else:
+        res = await simulator.answer(req, tool, trajectory, sim.state)
+        sim.learn(req, res)
+    if res.is_error and is_test_command(str(req.args.get("command", ""))):
+        res.outcome = "unknown"  # the test run got no answer: its outcome is unknown
     return res
 
 
@@ -80,6 +84,8 @@ def _result_entry(call_id: str, name: str, res: ToolResult) -> dict[str, Any]:
     entry = {"call_id": call_id, "name": name, "source": res.source, "effects": res.effects, "error": res.is_error}
     if res.reason is not None:
         entry["reason"] = res.reason
+    if res.outcome is not None:
+        entry["outcome"] = res.outcome  # "unknown": a test run nothing could tell the outcome of
     return entry
 
 
@@ -101,8 +107,9 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
 
     Args:
         model: the candidate.
-        messages: the whole recorded conversation (the prefix and the recording the tool
-            simulator is grounded in).
+        messages: the whole recorded conversation. The tool simulator's world is the one at
+            the replay point: what the prefix established, plus only those later recorded
+            results no later action of the production model could have changed.
         tools: the conversation's function-tool schemas.
         user_idx: index of the user message that opens the turn; the prefix ends there.
         cfg: step limit, token and time budgets, simulator chain.
@@ -169,7 +176,8 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
             rec["finish"] = "answered"
             break
         if sim is None:
-            sim = ToolSimulator(messages, list(cfg.simulator_chain))
+            # The world at the replay point: nothing the production model did later leaks in.
+            sim = ToolSimulator(messages, list(cfg.simulator_chain), replay_at=user_idx + 1)
         for call in calls:
             fn = call["function"]
             res = _answer_call(sim, declared, fn["name"], fn.get("arguments") or "")

@@ -17,11 +17,25 @@ With `llm` after `rules` in the chain, the emulators decline what they could onl
 read of a file the world state has never seen, a shell command they do not emulate — so the
 LLM simulator answers those instead; without `llm` they answer as before ("file not found",
 empty output).
+
+The world is the one at the replay point (`replay_at`, or `before_call` for fidelity): what the
+recording's prefix established. A recorded call after the replay point may answer (or seed the
+state) only when no action of the production model between the replay point and that call could
+have changed its result (`footprint`: what a call reads and what it may change, judged from its
+arguments, conservatively); a recorded call before it only when nothing between it and the
+replay point could have; and neither once the candidate's own actions could have changed it.
+Nothing the production model did after the replay point reaches the world state. A test run with
+no valid recording is answered from the state (a Python file the candidate changed that no longer
+parses fails; a still-current known test output is repeated) or by `llm`, else its outcome is
+`unknown`: `ToolResult.outcome == "unknown"` and a text starting with `UNKNOWN_TEST_OUTCOME`.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
+import posixpath
 import re
 import shlex
 import sys
@@ -37,14 +51,22 @@ from tasks.effects import (  # one catalogue of tools and effects, shared with t
     HTTP_TOOLS,
     READ_TOOLS,
     SHELL_TOOLS,
+    SHELLS,
     SQL_TOOLS,
     TEST_COMMAND_RE,
     WRITE_TOOLS,
+    Command,
     classify_effects,
+    is_internal_host,
+    is_test_command,
+    parse_action,
+    shell_commands,
+    url_host,
 )
 
-__all__ = ["EFFECTS", "ExecutionForbidden", "LLMRequest", "ToolResult", "ToolSimulator", "WorldState",
-           "classify_effects", "no_execution", "normalise_args", "unavailable"]
+__all__ = ["EFFECTS", "UNKNOWN_TEST_OUTCOME", "ExecutionForbidden", "Footprint", "LLMRequest", "ToolResult",
+           "ToolSimulator", "WorldState", "classify_effects", "conflicts", "footprint", "no_execution",
+           "normalise_args", "unavailable"]
 
 
 class ExecutionForbidden(RuntimeError):
@@ -115,6 +137,7 @@ class ToolResult:
     effects: list[str]
     is_error: bool = False
     reason: str | None = None  # why the simulator (not the tool) failed: "<kind>: <detail>"
+    outcome: str | None = None  # "unknown": a test run whose outcome nothing could tell
 
 
 @dataclass(frozen=True)
@@ -136,19 +159,223 @@ class WorldState:
     last_test_output: str | None = None
 
 
-def _recorded_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str, Any, str]]:
-    """(tool name, normalised args, raw args, result) for each answered call of a recording."""
-    calls: dict[str, tuple[str, Any]] = {}
-    pairs = []
-    for m in messages:
+# --- what a call reads and what it may change ----------------------------------------------
+# Resources: "file:<path>", FILES (every file: listings, recursive greps), VCS (git index,
+# history, remotes), DB, NET (remote services), DOMAIN (a domain tool's own world) and ANY.
+ANY, FILES, VCS, DB, NET, DOMAIN = "*", "files", "vcs", "db", "net", "domain"
+
+# Programs that change nothing, with what their output depends on: the file operands ("paths"),
+# every file ("files"), nothing (""), or files and git ("git").
+_READ_PROGS: dict[str, str] = {
+    **dict.fromkeys(("cat", "head", "tail", "less", "more", "wc", "nl", "od", "xxd", "md5sum", "sha256sum",
+                     "sha1sum", "file", "stat", "diff", "cmp", "sort", "uniq", "cut", "tr", "jq", "yq", "awk",
+                     "sed", "column", "strings"), "paths"),
+    **dict.fromkeys(("ls", "find", "tree", "du", "df", "rg", "ag", "fd", "locate"), "files"),
+    **dict.fromkeys(("echo", "printf", "pwd", "which", "type", "date", "whoami", "uname", "id", "hostname",
+                     "true", "false", "test", "[", "basename", "dirname", "realpath", "readlink", "env",
+                     "printenv", "sleep", "cd", "export", "set", "exit"), ""),
+}
+_GREP_PROGS = frozenset({"grep", "egrep", "fgrep", "zgrep"})
+_GIT_READS = frozenset({"status", "diff", "log", "show", "blame", "rev-parse", "ls-files", "grep", "shortlog",
+                        "describe", "reflog", "whatchanged", "cat-file", "ls-tree", "rev-list"})
+_GIT_HISTORY_WRITES = frozenset({"add", "commit", "push", "fetch", "tag", "notes"})
+# Programs that change only their file operands (or, given none, files read from a pipe).
+_PATH_WRITERS = frozenset({"rm", "rmdir", "touch", "mkdir", "tee", "mv", "cp", "truncate", "chmod", "chown",
+                           "ln", "shred", "unlink", "install"})
+_CURL_WRITE_FLAGS = frozenset({"X", "d", "F", "T", "o", "O", "--request", "--data", "--data-raw", "--data-binary",
+                               "--data-urlencode", "--form", "--upload-file", "--output", "--remote-name", "--json"})
+_NULL_TARGETS = frozenset({"/dev/null", "/dev/stdout", "/dev/stderr", "&1", "&2", "1", "2"})
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a call's result depends on (`reads`) and what it may change (`writes`)."""
+
+    reads: frozenset[str] = frozenset()
+    writes: frozenset[str] = frozenset()
+
+
+def _file_key(path: str) -> str:
+    """`file:<normalised path>`, or FILES for a path that names no one file (globs, variables)."""
+    if not path or any(ch in path for ch in "*?[]{}$~`"):
+        return FILES
+    return "file:" + posixpath.normpath(path)
+
+
+def _paths_overlap(a: str, b: str) -> bool:
+    """Whether two normalised paths may name the same file (one inside the other, or the same
+    file seen from an unknown working directory)."""
+    if a == b or "." in (a, b) or a.startswith(b + "/") or b.startswith(a + "/"):
+        return True
+    if a.startswith("/") != b.startswith("/"):
+        rel, abs_ = (a, b) if b.startswith("/") else (b, a)
+        return abs_.endswith("/" + rel) or ("/" + rel).startswith(abs_ + "/") or rel.startswith("..")
+    return False
+
+
+def _clash(write: str, read: str) -> bool:
+    if ANY in (write, read) or write == read:
+        return True
+    wf, rf = write.startswith("file:"), read.startswith("file:")
+    if (wf and read == FILES) or (rf and write == FILES):
+        return True
+    return wf and rf and _paths_overlap(write[5:], read[5:])
+
+
+def conflicts(writes: frozenset[str] | set[str], reads: frozenset[str] | set[str]) -> bool:
+    """Whether anything in `writes` could change a result that depends on `reads`."""
+    return any(_clash(w, r) for w in writes for r in reads)
+
+
+def _command_footprint(c: Command, cd: bool) -> tuple[set[str], set[str]]:
+    """(reads, writes) of one simple shell command; cd: the line changes directory, so its
+    relative paths name no known file."""
+    def key(p: str) -> str:
+        return FILES if cd and not p.startswith("/") else _file_key(p)
+
+    prog, ops = c.prog, c.operands()
+    reads: set[str] = set()
+    writes: set[str] = {key(t) for op, t in c.redirects if op in (">", ">>", ">|", "&>") and t not in _NULL_TARGETS}
+    reads |= {key(t) for op, t in c.redirects if op == "<"}
+    if not prog or (prog in SHELLS and "-c" in c.argv):  # `bash -c '…'`: its commands come separately
+        return reads, writes
+    if is_test_command(" ".join(c.argv)):
+        return reads | {ANY}, writes
+    if prog == "sed" and ("i" in c.flags() or "--in-place" in c.flags()):
+        return reads | {key(p) for p in ops}, writes | {key(p) for p in ops} | ({FILES} if len(ops) < 2 else set())
+    if prog in _GREP_PROGS:
+        recursive = bool({"r", "R", "--recursive"} & c.flags())
+        return reads | ({FILES} if recursive or len(ops) < 2 else {key(p) for p in ops[1:]}), writes
+    if prog == "find" and {"-delete", "-exec", "-execdir", "-ok"} & set(c.argv):
+        return reads | {ANY}, writes | {ANY}
+    if prog in _READ_PROGS:
+        kind = _READ_PROGS[prog]
+        return reads | ({key(p) for p in ops} if kind == "paths" else {FILES} if kind == "files" else set()), writes
+    if prog == "git":
+        sub = ops[0] if ops else ""
+        if sub in _GIT_READS or (sub in ("branch", "remote", "stash") and len(ops) == 1):
+            return reads | {FILES, VCS}, writes
+        if sub in _GIT_HISTORY_WRITES:
+            return reads | {FILES, VCS}, writes | {VCS, NET}
+        return reads | {FILES, VCS}, writes | {FILES, VCS}
+    if prog in _PATH_WRITERS:
+        targets = {key(p) for p in ops[1:] if prog in ("chmod", "chown")} if prog in ("chmod", "chown") else {key(p) for p in ops}
+        return reads | (targets or {FILES}), writes | (targets or {FILES})
+    if prog == "curl" and not (_CURL_WRITE_FLAGS & c.flags()):
+        return reads | {NET}, writes
+    return reads | {ANY}, writes | {ANY}  # a program that could do anything
+
+
+def _shell_footprint(command: str) -> Footprint:
+    cmds = shell_commands(command)
+    cd = any(c.prog in ("cd", "pushd", "popd") for c in cmds)
+    reads: set[str] = set()
+    writes: set[str] = set()
+    for c in cmds:
+        r, w = _command_footprint(c, cd)
+        reads |= r
+        writes |= w
+    return Footprint(frozenset(reads), frozenset(writes))
+
+
+def footprint(name: str, args: dict[str, Any]) -> Footprint:
+    """What a call reads and may change, judged from its name and arguments (never by running
+    it), erring towards more: a program it does not know may read and change anything."""
+    a = parse_action(name, args)
+    if a.kind in ("thought", "finish"):
+        return Footprint()
+    path = _file_key(a.path) if a.path else FILES
+    if a.kind == "read":
+        return Footprint(frozenset({path}))
+    if a.kind == "write":
+        return Footprint(frozenset(), frozenset({path}))
+    if a.kind == "edit":
+        return Footprint(frozenset({path}), frozenset({path}))
+    if a.kind == "shell":
+        return _shell_footprint(str(args.get("command", args.get("cmd", args.get("script", "")))))
+    if a.kind == "sql":
+        writes = frozenset({DB}) if not a.sql or any(s.kind != "select" for s in a.sql) else frozenset()
+        return Footprint(frozenset({DB}), writes)
+    if a.kind == "http":
+        local = any(is_internal_host(url_host(u)) for u in a.urls) or not a.urls
+        reads = frozenset({ANY if local else NET})
+        return Footprint(reads, frozenset() if a.method in _READ_METHODS else frozenset({ANY if local else NET}))
+    if a.kind == "message":
+        return Footprint(frozenset({NET}), frozenset({NET}))
+    if a.kind == "other":
+        return Footprint(frozenset({DOMAIN}), frozenset() if a.verb == "read" else frozenset({DOMAIN}))
+    return Footprint(frozenset({ANY}), frozenset({ANY}))  # python, and anything not parsed
+
+
+def _is_test_run(args: dict[str, Any]) -> bool:
+    return bool(_TEST_CMD.search(str(args.get("command", ""))))
+
+
+UNKNOWN_TEST_OUTCOME = "[depsim] Test outcome unknown"
+_UNKNOWN_TEST_TEXT = (f"{UNKNOWN_TEST_OUTCOME}: nothing is executed here, and no recorded run of these tests "
+                      "matches the current state of the workspace, so whether they pass cannot be told.")
+
+
+_UNSET: Any = object()
+
+
+@dataclass
+class _Call:
+    """One call of a recording, in call order."""
+
+    call_id: Any
+    name: str
+    raw: Any
+    args: dict[str, Any] | None  # None: arguments that are not a JSON object
+    content: str | None = None   # the recorded result, None when unanswered
+    fp: Footprint = field(default_factory=Footprint)
+
+
+def _timeline(messages: list[dict[str, Any]]) -> tuple[list[_Call], list[int]]:
+    """Every call of a recording in call order, with its result, and for each call the index
+    of the message that made it."""
+    calls: list[_Call] = []
+    at: list[int] = []
+    by_id: dict[Any, _Call] = {}
+    for i, m in enumerate(messages):
         for c in m.get("tool_calls") or []:
             fn = c.get("function") or {}
-            calls[c.get("id")] = (fn.get("name", ""), fn.get("arguments", "{}"))
-        if m.get("role") == "tool" and m.get("tool_call_id") in calls:
-            name, raw = calls[m["tool_call_id"]]
+            raw = fn.get("arguments", "{}")
+            try:
+                parsed = json.loads(raw) if isinstance(raw, str) else raw
+            except json.JSONDecodeError:
+                parsed = None
+            args = parsed if isinstance(parsed, dict) else None
+            name = str(fn.get("name", ""))
+            fp = _footprint_of(name, args)
+            call = _Call(c.get("id"), name, raw, args, None, fp)
+            calls.append(call)
+            at.append(i)
+            by_id[c.get("id")] = call
+        if m.get("role") == "tool" and m.get("tool_call_id") in by_id:
             content = m.get("content")
-            pairs.append((name, normalise_args(raw), raw, content if isinstance(content, str) else json.dumps(content)))
-    return pairs
+            by_id[m["tool_call_id"]].content = content if isinstance(content, str) else json.dumps(content)
+    return calls, at
+
+
+def _footprint_of(name: str, args: dict[str, Any] | None) -> Footprint:
+    if args is None:  # unparseable arguments: nothing known about the call
+        return Footprint(frozenset({ANY}), frozenset({ANY}))
+    return _cached_footprint(name, json.dumps(args, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_footprint(name: str, args_json: str) -> Footprint:
+    return footprint(name, json.loads(args_json))
+
+
+def _valid_at(calls: list[_Call], k: int, point: int) -> bool:
+    """Whether call k's recorded result still holds at the replay point (`point` calls done):
+    no call between the two could have changed it."""
+    between = calls[k + 1: point] if k < point else calls[point:k]
+    reads = calls[k].fp.reads
+    return not any(conflicts(c.fp.writes, reads) for c in between)
 
 
 def _llm_follows_rules(chain: list[str]) -> bool:
@@ -159,33 +386,79 @@ def _llm_follows_rules(chain: list[str]) -> bool:
 
 
 class ToolSimulator:
-    """Answers a replay's tool calls. One instance per replayed turn (its own world state)."""
+    """Answers a replay's tool calls. One instance per replayed turn (its own world state).
 
-    def __init__(self, recording: list[dict[str, Any]], chain: list[str]) -> None:
+    Args:
+        recording: the recorded conversation.
+        chain: the simulator sources, in order.
+        replay_at: index of the first message after the replay point: `recording[:replay_at]`
+            is the prefix, the rest is what the production model did later. None: the whole
+            recording is the prefix.
+        before_call: instead of `replay_at`, the id of the recorded call the replay point comes
+            just before; that call and its result are left out (for fidelity).
+    """
+
+    def __init__(self, recording: list[dict[str, Any]], chain: list[str], replay_at: int | None = None,
+                 *, before_call: Any = _UNSET) -> None:
         self.chain = chain
         self._defer = _llm_follows_rules(chain)
-        self.recorded: dict[tuple[str, str], str] = {}
         self.state = WorldState()
-        for name, norm, raw, content in _recorded_pairs(recording):
-            self.recorded.setdefault((name, norm), content)
-            self._seed_state(name, raw, content)
+        calls, at = _timeline(recording)
+        if before_call is not _UNSET:
+            point = next((k for k, c in enumerate(calls) if c.call_id == before_call), len(calls))
+            del calls[point: point + 1]
+        else:
+            point = len(calls) if replay_at is None else sum(1 for i in at if i < replay_at)
+        # (name, normalised args) -> recorded results valid at the replay point, in call order
+        self._recorded: dict[tuple[str, str], list[tuple[str, Footprint]]] = {}
+        self._done: set[str] = set()       # what the candidate's own calls may have changed
+        self._tests_current = False        # state.last_test_output still describes the workspace
+        self._unknown = False              # the rules answered a test run whose outcome is unknown
+        for k, c in enumerate(calls[:point]):
+            self._seed_prefix(c, _valid_at(calls, k, point))
+        for k in range(point, len(calls)):
+            c = calls[k]
+            if c.content is not None and c.args is not None and _valid_at(calls, k, point):
+                self._seed_later(c)
+        for k, c in enumerate(calls):
+            if c.content is not None and _valid_at(calls, k, point):
+                self._recorded.setdefault((c.name, normalise_args(c.raw)), []).append((c.content, c.fp))
 
-    def _seed_state(self, name: str, args: Any, content: str) -> None:
-        """Learn files and outputs from a recorded call (exact arguments, not normalised)."""
-        try:
-            parsed = json.loads(args) if isinstance(args, str) else args
-        except json.JSONDecodeError:
+    def _seed_prefix(self, c: _Call, valid: bool) -> None:
+        """Fold a prefix call into the world as the production model left it."""
+        if c.args is None:
             return
-        if not isinstance(parsed, dict):
-            return
-        lname = name.lower()
-        if lname in READ_TOOLS and "path" in parsed and not content.startswith("Error"):
-            self.state.files.setdefault(parsed["path"], content)
-        elif lname in WRITE_TOOLS and "path" in parsed:
-            self.state.files[parsed["path"]] = str(parsed.get("content", ""))
-        cmd = str(parsed.get("command", ""))
-        if _TEST_CMD.search(cmd):
-            self.state.last_test_output = content
+        lname, st = c.name.lower(), self.state
+        a = c.args
+        if lname in READ_TOOLS and "path" in a:
+            if c.content is not None and not c.content.startswith("Error"):
+                st.files[str(a["path"])] = c.content
+                st.deleted.discard(str(a["path"]))
+        elif lname in WRITE_TOOLS and "path" in a:
+            st.files[str(a["path"])] = str(a.get("content", ""))
+            st.deleted.discard(str(a["path"]))
+        elif lname in EDIT_TOOLS and "path" in a:
+            text, old = st.files.get(str(a["path"])), str(a.get("old_str", ""))
+            if text is not None and old and old in text:
+                st.files[str(a["path"])] = text.replace(old, str(a.get("new_str", "")), 1)
+        elif _is_test_run(a) and c.content is not None:
+            st.last_test_output, self._tests_current = (c.content, True) if valid else (None, False)
+        elif lname in SHELL_TOOLS:
+            for cmd in shell_commands(str(a.get("command", ""))):
+                if cmd.prog == "rm":
+                    for p in cmd.operands():
+                        st.deleted.update(f for f in st.files if f == p or f.startswith(p.rstrip("/") + "/"))
+
+    def _seed_later(self, c: _Call) -> None:
+        """Fold in a later recorded call whose result still holds at the replay point."""
+        assert c.args is not None and c.content is not None
+        lname, st = c.name.lower(), self.state
+        if lname in READ_TOOLS and "path" in c.args and not c.content.startswith("Error"):
+            path = str(c.args["path"])
+            if path not in st.deleted:
+                st.files[path] = c.content
+        elif _is_test_run(c.args) and st.last_test_output is None:
+            st.last_test_output, self._tests_current = c.content, True
 
     def simulate(self, name: str, arguments: str) -> ToolResult:
         """Answer one call from the synchronous sources only (`llm` in the chain is skipped).
@@ -194,7 +467,7 @@ class ToolSimulator:
         """
         with no_execution():
             out = self._run_chain(name, arguments, llm=False)
-        return out if isinstance(out, ToolResult) else unavailable(out.name, out.effects)
+        return out if isinstance(out, ToolResult) else unavailable(out.name, out.effects, _is_test_run(out.args))
 
     def answer(self, name: str, arguments: str) -> ToolResult | LLMRequest:
         """Answer one call, or hand it on to the `llm` source when the chain gets that far.
@@ -218,10 +491,18 @@ class ToolSimulator:
             return
         lname = request.name.lower()
         with no_execution():
+            self._acted(footprint(request.name, request.args))
             if lname in WRITE_TOOLS or lname in EDIT_TOOLS:
                 self._rules(lname, request.args, defer=False)
-            elif _TEST_CMD.search(str(request.args.get("command", ""))):
-                self.state.last_test_output = result.content
+            elif _is_test_run(request.args):
+                self.state.last_test_output, self._tests_current = result.content, True
+
+    def _acted(self, fp: Footprint) -> None:
+        """Note what a call of the candidate may have changed: recordings that depend on it no
+        longer hold, nor does the last test output."""
+        if fp.writes:
+            self._done |= fp.writes
+            self._tests_current = False
 
     def _run_chain(self, name: str, arguments: str, llm: bool) -> ToolResult | LLMRequest:
         try:
@@ -231,27 +512,28 @@ class ToolSimulator:
         if not isinstance(args, dict):
             return ToolResult(f"Error: arguments for {name} must be a JSON object", "error", [], True)
         effects = classify_effects(name, args)
+        fp = footprint(name, args)
+        test_run = _is_test_run(args)
         for source in self.chain:
             if source == "recorded":
-                if self._sees_changed_state(args):
-                    continue  # the recording predates this replay's own writes
-                hit = self.recorded.get((name, normalise_args(args)))
+                hit = next((text for text, rfp in self._recorded.get((name, normalise_args(args)), [])
+                            if not conflicts(self._done, rfp.reads)), None)
                 if hit is not None:
-                    self._seed_state(name, args, hit)
+                    if fp.writes:  # the recorded answer stands, and the world changes as it implies
+                        self._rules(name.lower(), args)
+                    self._acted(fp)
+                    if test_run:
+                        self.state.last_test_output, self._tests_current = hit, True
                     return ToolResult(hit, "recorded", effects)
             elif source == "rules":
+                self._unknown = False
                 out = self._rules(name.lower(), args, defer=llm and self._defer)
                 if out is not None:
-                    return ToolResult(out, "rules", effects)
+                    self._acted(fp)
+                    return ToolResult(out, "rules", effects, outcome="unknown" if self._unknown else None)
             elif source == "llm" and llm:
                 return LLMRequest(name, args, effects)
-        return unavailable(name, effects)
-
-    def _sees_changed_state(self, args: dict[str, Any]) -> bool:
-        if not self.state.changed:
-            return False
-        text = " ".join(str(v) for v in args.values())
-        return any(p and p in text for p in self.state.changed)
+        return unavailable(name, effects, test_run)
 
     # --- rule emulators ---------------------------------------------------------------
     def _rules(self, name: str, args: dict[str, Any], defer: bool = False) -> str | None:
@@ -298,9 +580,28 @@ class ToolSimulator:
             method = str(args.get("method", "GET")).upper()
             return json.dumps({"status": 200 if method == "GET" else 201, "body": "ok"})
         if name in SHELL_TOOLS:
+            if _is_test_run(args):
+                return self._test_run(defer)
             out = self._shell(str(args.get("command", "")))
             return None if out is None and defer else (out or "")
         return None
+
+    def _test_run(self, defer: bool) -> str | None:
+        """A test run answered from the state: a Python file this replay changed that no longer
+        parses fails collection; else the last test output, while nothing has changed since;
+        else (unless deferred to `llm`) the outcome is unknown."""
+        st = self.state
+        broken = sorted(p for p in st.changed if p.endswith(".py") and p in st.files and p not in st.deleted
+                        and not _parses(st.files[p]))
+        if broken:
+            return "\n".join([*(f"ERROR collecting {p} - SyntaxError: invalid syntax" for p in broken),
+                              f"{len(broken)} error{'s' if len(broken) > 1 else ''} in 0.12s"])
+        if self._tests_current and st.last_test_output is not None:
+            return st.last_test_output
+        if defer:
+            return None
+        self._unknown = True
+        return _UNKNOWN_TEST_TEXT
 
     def _shell(self, command: str) -> str | None:
         """Emulated output of a command line; None for a program no emulator knows."""
@@ -342,8 +643,6 @@ class ToolSimulator:
                     "diff": f" {len(st.files)} files changed", "log": "commit 0000000 (HEAD)\n    previous work",
                     "commit": "[main 1a2b3c4] commit", "push": "Everything up-to-date",
                     "reset": "HEAD is now at 1a2b3c4"}.get(sub, "")
-        if _TEST_CMD.search(command):
-            return st.last_test_output or "12 passed in 0.42s"
         if prog in ("pip", "npm") and "install" in argv:
             return "Successfully installed packages"
         if prog in ("curl", "wget"):
@@ -351,6 +650,16 @@ class ToolSimulator:
         return None
 
 
-def unavailable(name: str, effects: list[str]) -> ToolResult:
-    """The error result for a call no source of the chain answered."""
-    return ToolResult(f"Error: tool {name!r} is not available in this environment", "error", effects, True)
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def unavailable(name: str, effects: list[str], test_run: bool = False) -> ToolResult:
+    """The error result for a call no source of the chain answered (a test run's outcome is
+    then unknown)."""
+    return ToolResult(f"Error: tool {name!r} is not available in this environment", "error", effects, True,
+                      outcome="unknown" if test_run else None)

@@ -54,3 +54,27 @@ def test_cli_counts_add_up_and_go_to_mlflow(tmp_path: Path) -> None:
     run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
     assert run.data.metrics["fidelity.calls"] == answered
     assert run.data.metrics["fidelity.shell.calls"] == out["tools"]["shell"]["calls"]
+
+
+def test_a_call_is_answered_from_the_world_before_it_not_from_later_recordings() -> None:
+    def step(cid: str, name: str, args: dict[str, str], content: str) -> list[dict[str, object]]:
+        return [{"role": "assistant", "content": "", "tool_calls": [
+                    {"id": cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]},
+                {"role": "tool", "tool_call_id": cid, "content": content}]
+
+    conv = {"conversation_id": "c", "model": "m", "created_at": "2026-01-01T00:00:00Z", "messages": [
+        {"role": "user", "content": "fix it"},
+        *step("1", "read_file", {"path": "a.py"}, "x = 1\n"),
+        *step("2", "shell", {"command": "pytest -q"}, "1 failed, 2 passed in 0.1s"),
+        *step("3", "edit_file", {"path": "a.py", "old_str": "x = 1", "new_str": "x = 2"}, "Edited a.py"),
+        *step("4", "read_file", {"path": "a.py"}, "x = 2\n"),
+        *step("5", "shell", {"command": "pytest -q"}, "3 passed in 0.1s"),
+        {"role": "assistant", "content": "done"}]}
+    rows = {r["call_id"]: r for r in fidelity(conversations_frame([conv]), ["recorded", "rules"]).iter_rows(named=True)}
+    # the first read is not answered by the later read of the edited file (nothing else knows a.py)
+    assert (rows["1"]["source"], rows["1"]["match"]) == ("rules", "different")
+    # the second read is answered from the world the earlier read and edit established
+    assert (rows["4"]["source"], rows["4"]["match"]) == ("rules", "exact")
+    # neither test run gets the other's recording: a change lies between them
+    assert rows["2"]["source"] == rows["5"]["source"] == "rules"
+    assert rows["2"]["match"] == rows["5"]["match"] == "different"

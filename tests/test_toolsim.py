@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from tasks.toolsim import EFFECTS, ToolResult, ToolSimulator, classify_effects, normalise_args
+from tasks.toolsim import (
+    EFFECTS,
+    UNKNOWN_TEST_OUTCOME,
+    ToolResult,
+    ToolSimulator,
+    classify_effects,
+    normalise_args,
+)
 
 CHAIN = ["recorded", "rules"]
 
@@ -230,8 +237,15 @@ def test_recording_seeds_files_and_test_output() -> None:
     assert run(sim, "shell", command="pytest tests/ -x").content == "1 failed, 3 passed"
 
 
-def test_default_test_output_without_recording() -> None:
-    assert run(ToolSimulator(recording(), CHAIN), "shell", command="pytest").content == "12 passed in 0.42s"
+def test_test_run_without_recording_has_an_unknown_outcome() -> None:
+    r = run(ToolSimulator(recording(), CHAIN), "shell", command="pytest")
+    assert (r.source, r.outcome, r.is_error) == ("rules", "unknown", False)
+    assert r.content.startswith(UNKNOWN_TEST_OUTCOME) and "passed" not in r.content
+
+
+def test_test_run_with_recorded_chain_only_is_unavailable_with_unknown_outcome() -> None:
+    r = run(ToolSimulator(recording(), ["recorded"]), "shell", command="pytest -q")
+    assert (r.source, r.is_error, r.outcome) == ("error", True, "unknown")
 
 
 def test_rm_hides_files() -> None:
