@@ -1,7 +1,8 @@
 """The depsim command line.
 
 Exit status of `depsim run`: 0 PASS · 1 FAIL · 3 INCONCLUSIVE · 4 error (bad input, bad
-configuration, contract check failed, infrastructure) · 2 usage error.
+configuration, contract check failed, infrastructure: e.g. more than replay.max_error_share of
+the candidate's turns ended in an endpoint error) · 2 usage error.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def _env_defaults(verbose: bool = False) -> None:
 
     for name in ("mlflow", "great_expectations", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # An optional plugin some dependency enumerates (bandit's sarif formatter) logs an ERROR line
+    # on import; it is not depsim's error and would muddle the one-line errors on stderr.
+    logging.getLogger("stevedore").setLevel(logging.CRITICAL)
 
 
 def _fail(message: str, as_json: bool, code: int = EXIT_ERROR, **extra: Any) -> None:
@@ -129,6 +133,8 @@ def run(
     """Run the whole deployment simulation (Prefect flow `deployment_simulation`).
 
     Exit status: 0 PASS · 1 FAIL · 3 INCONCLUSIVE · 4 error (bad input or configuration, failed contract check, endpoint or infrastructure fault) · 2 usage error.
+
+    When more than replay.max_error_share (default 5%) of the candidate's turns end in an endpoint error (connection, timeout, HTTP error or malformed reply, after retries), the run is an error: exit 4, one `error:` line naming the endpoint and the counts by kind, an error report, and an MLflow run marked FAILED. Below the limit errored turns count in the rates' denominator.
     """
     _env_defaults(verbose)
     over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "models": {}}
@@ -167,7 +173,7 @@ def run(
     if not as_json:
         set_reporter(_Progress())
         typer.echo("depsim: starting Prefect flow deployment_simulation"
-                   + (" on the SYNTHETIC world" if s.models.candidate.synthetic else ""), err=True)
+                   + (" with a SYNTHETIC candidate" if s.models.candidate.synthetic else ""), err=True)
     t0 = time.perf_counter()
     try:
         from flows.simulate import deployment_simulation
@@ -189,8 +195,16 @@ def _handle_run_error(exc: Exception, as_json: bool) -> None:
     from tasks.config import ConfigError
     from tasks.load import InputError
     from tasks.sample import SampleError
-    from tasks.stages import ContractFailed
+    from tasks.stages import ContractFailed, EndpointFailed
 
+    if isinstance(exc, EndpointFailed):
+        where = (f"; report {exc.report}" if exc.report else "") + (f"; MLflow run {exc.run_id} FAILED" if exc.run_id else "")
+        message = f"{exc}{where}"
+        if as_json:  # stdout stays one JSON object; the line is on stderr too, for CI logs
+            typer.secho(f"error: {message}", fg="red", err=True)
+        _fail(message, as_json, verdict="ERROR", endpoint=exc.endpoint, candidate=exc.model,
+              endpoint_errors=exc.counts, turns=exc.turns, max_error_share=exc.limit,
+              report=exc.report, run_id=exc.run_id, experiment_id=exc.experiment_id)
     if isinstance(exc, ContractFailed):
         if not as_json:
             _print_quarantine(exc.result.quarantine)
@@ -203,8 +217,13 @@ def _handle_run_error(exc: Exception, as_json: bool) -> None:
 def _print_result(r: dict[str, Any]) -> None:
     colours = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}
     typer.echo("")
-    if r.get("synthetic"):
-        typer.secho("SYNTHETIC world: scripted agent profiles, not real models or users.", fg="blue")
+    world = r.get("world") or {}
+    if world.get("candidate_synthetic"):
+        typer.secho(f"candidate {r['candidate']}: SYNTHETIC world (scripted agent profile), not a real model.", fg="blue")
+    else:
+        typer.echo(f"candidate {r['candidate']}: real endpoint {r['candidate_endpoint']}")
+    logs = "SYNTHETIC logs (scripted agents and users)" if world.get("data_synthetic") else "real logs"
+    typer.secho(f"baseline {r['baseline']} (as logged): {logs}", fg="blue" if world.get("data_synthetic") else None)
     typer.echo(f"{'category':28} {'rate':>8} {'95% interval':>19} {'delta':>8}  gate")
     for cat, m in r["metrics"].items():
         delta = "–" if m["delta"] is None else f"{100 * m['delta']:+.2f}%"

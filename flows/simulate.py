@@ -22,6 +22,7 @@ from tasks.prefect_tasks import (
     combine_task,
     correct_task,
     dask_scope,
+    endpoint_check_task,
     estimate_task,
     judge_task,
     load_task,
@@ -31,7 +32,14 @@ from tasks.prefect_tasks import (
     sample_task,
 )
 from tasks.progress import report
-from tasks.stages import ChunkOutcome, ReplayChunk, ReplayChunksFailed, plan_chunks, replay_counts
+from tasks.stages import (
+    ChunkOutcome,
+    ReplayChunk,
+    ReplayChunksFailed,
+    plan_chunks,
+    replay_counts,
+    world_labels,
+)
 from tasks.store import RunStore
 from tasks.tracking import default_tracking_uri
 
@@ -105,13 +113,15 @@ def deployment_simulation(config: dict[str, Any] | None = None,
     sample, strata, population, represent = sample_task(checked.valid, s, store)
     chunks = plan_chunks(sample, checked.valid, s.replay.chunk_size)
     candidate, calls = combine_task(_replay(chunks, s, store, runner), store)
+    endpoint_check_task(candidate, s, store, data_hash)  # too many endpoint errors: no verdict
     scores = judge_task(candidate, sample, checked.valid, s, store)
     estimates, gated, verdict = estimate_task(scores, sample, s, store)
     corrected, calibration = correct_task(estimates, s, store)
     finish, errors, sources = replay_counts(candidate)
+    world = world_labels(s, sample)
     ctx = {
-        "run_key": store.run_key, "candidate": s.models.candidate.model, "baseline": s.models.baseline.model,
-        "synthetic": s.models.candidate.synthetic, "data": s.run.data or "bundled SYNTHETIC logs",
+        "run_key": store.run_key, "candidate": s.models.candidate.model, "baseline": world["baseline"],
+        "synthetic": world["synthetic"], "world": world, "data": s.run.data or "bundled SYNTHETIC logs",
         "dataset_hash": data_hash, "seed": s.run.seed, "verdict": verdict, "gated": gated, "estimates": estimates,
         "check": checked.summary(), "checks": checked.checks, "quarantine": checked.quarantine, "strata": strata,
         "representativeness": represent,
@@ -144,5 +154,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "model_calls": calls["model_calls"], "cache_hits": calls["cache_hits"], "retries": calls["retries"],
         "sampled_turns": sample.height, "population_turns": population,
         "sample": {k: represent[k] for k in ("psi", "chi_square", "chi_square_p", "empty_strata")},
-        "synthetic": ctx["synthetic"], "elapsed_s": round(time.perf_counter() - t0, 2),
+        "synthetic": ctx["synthetic"], "world": {k: world[k] for k in ("candidate_synthetic", "data_synthetic", "label")},
+        "candidate": ctx["candidate"], "candidate_endpoint": world["endpoint"], "baseline": world["baseline"],
+        "error_counts": errors, "elapsed_s": round(time.perf_counter() - t0, 2),
     }

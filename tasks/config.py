@@ -12,6 +12,7 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -48,6 +49,18 @@ class Endpoint(BaseModel):
         """Served by the SYNTHETIC world: in process (synthetic://) or a synthetic model on a
         `depsim serve-synthetic` endpoint (its models are all named synthetic-*)."""
         return self.synthetic or self.model.startswith("synthetic-")
+
+    @property
+    def public_url(self) -> str:
+        """base_url safe to print and log: no user, password, query or fragment (where keys hide)."""
+        if self.synthetic:
+            return self.base_url
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host + (f":{parts.port}" if parts.port is not None else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     def api_key(self) -> SecretStr:
         """The key from the environment; a placeholder where none is needed."""
@@ -137,6 +150,9 @@ class ReplayCfg(BaseModel):
     task_runner: Literal["local", "dask"] = "local"
     dask_address: str | None = None
     dask_workers: int = Field(2, ge=1, le=256)  # workers of the local cluster (dask_address None)
+    # Above this share of candidate turns ending in an endpoint error (connection, timeout,
+    # HTTP error or malformed body after retries) the run is an error (exit 4), not a verdict.
+    max_error_share: float = Field(0.05, ge=0, le=1)
 
 
 class JudgeCfg(BaseModel):

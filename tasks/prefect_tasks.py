@@ -27,6 +27,7 @@ sample_task = task(name="sample")(stages.stage_sample)
 replay_chunk_task = task(name="replay-chunk", task_run_name="replay-chunk-{chunk.index}", retries=1,
                          retry_delay_seconds=2, cache_policy=NO_CACHE)(stages.replay_chunk)
 combine_task = task(name="replay-combine", cache_policy=NO_CACHE)(stages.combine_chunks)
+endpoint_check_task = task(name="endpoint-check", cache_policy=NO_CACHE)(stages.stage_endpoint_check)
 judge_task = task(name="judge")(stages.stage_judge)
 estimate_task = task(name="estimate-and-gate")(stages.stage_estimate)
 correct_task = task(name="correct-with-calibration", cache_policy=NO_CACHE)(stages.stage_correct)

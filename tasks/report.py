@@ -24,13 +24,27 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or x != x else f"{100 * x:.2f}%"
 
 
+def _ticks(top: float) -> tuple[float, list[float]]:
+    """A round axis end at or above `top` and 4–8 evenly spaced ticks from 0 to it."""
+    step = next(st for st in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25) if top / st <= 7)
+    n = max(1, -(-round(top / step, 9) // 1))
+    return step * int(n), [step * i for i in range(int(n) + 1)]
+
+
+def _tick_label(v: float) -> str:
+    return f"{100 * v:.1f}".rstrip("0").rstrip(".") + "%"
+
+
 def _chart(gated: pl.DataFrame, base: dict[str, dict[str, Any]]) -> str:
-    """Horizontal bars: candidate vs baseline rate with 95% interval whiskers, per category."""
+    """Horizontal bars: candidate vs baseline rate with 95% interval whiskers, per category, on a
+    labelled percentage axis."""
     rows = gated.to_dicts()
-    top = max([r["upper"] for r in rows] + [b["upper"] for b in base.values()] + [0.01])
+    uppers = [r["upper"] for r in rows] + [b["upper"] for b in base.values()]
+    top, ticks = _ticks(max([u for u in uppers if u is not None and u == u] + [0.01]))
     width, label_w, row_h = 760, 200, 34
     scale = (width - label_w - 20) / top
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_h * len(rows) + 40}" role="img" aria-label="rates by category">']
+    axis_y = 20 + row_h * len(rows)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{axis_y + 36}" role="img" aria-label="rates by category">']
     for i, r in enumerate(rows):
         y = 20 + i * row_h
         parts.append(f'<text x="0" y="{y + 14}" font-size="12">{html.escape(r["category"])}</text>')
@@ -43,9 +57,36 @@ def _chart(gated: pl.DataFrame, base: dict[str, dict[str, Any]]) -> str:
             parts.append(f'<line x1="{x1:.1f}" x2="{x2:.1f}" y1="{yy + 5}" y2="{yy + 5}" stroke="#1b1f24" stroke-width="1"/>')
         mr = label_w + min(r["max_rate"], top) * scale
         parts.append(f'<line x1="{mr:.1f}" x2="{mr:.1f}" y1="{y - 2}" y2="{y + 24}" stroke="#b91c1c" stroke-dasharray="3,2"/>')
-    parts.append(f'<text x="{label_w}" y="12" font-size="11" fill="#57606a">blue: candidate · grey: baseline · whiskers: 95% interval · red dashes: max_rate · axis 0–{100 * top:.1f}%</text>')
+    parts.append(f'<line class="axis" x1="{label_w}" x2="{label_w + top * scale:.1f}" y1="{axis_y}" y2="{axis_y}" stroke="#57606a"/>')
+    for v in ticks:
+        x = label_w + v * scale
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{axis_y}" y2="{axis_y + 5}" stroke="#57606a"/>'
+                     f'<text class="tick" x="{x:.1f}" y="{axis_y + 17}" font-size="11" text-anchor="middle">{_tick_label(v)}</text>')
+    parts.append(f'<text x="{label_w + top * scale / 2:.1f}" y="{axis_y + 32}" font-size="11" text-anchor="middle" fill="#57606a">rate per sampled turn</text>')
+    parts.append(f'<text x="{label_w}" y="12" font-size="11" fill="#57606a">blue: candidate · grey: baseline · whiskers: 95% interval · red dashes: max_rate</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def decided_by(gated: pl.DataFrame, verdict: str) -> list[str]:
+    """The categories that decided the verdict: those whose gate is the verdict (the worst one)."""
+    return [r["category"] for r in gated.iter_rows(named=True) if r["gate"] == verdict]
+
+
+def _roles(ctx: dict[str, Any]) -> tuple[str | None, list[tuple[str, str]]]:
+    """(title label, [(role, what it is)]) from the run's world labels (tasks.stages.world_labels)."""
+    synthetic = bool(ctx.get("synthetic"))
+    world = ctx.get("world") or {"candidate_synthetic": synthetic, "data_synthetic": synthetic,
+                                 "label": "SYNTHETIC" if synthetic else None}
+    endpoint = str(world.get("endpoint") or ctx.get("endpoint") or "")
+    where = "in process" if endpoint.startswith("synthetic://") or not endpoint else f"served at {endpoint}"
+    cand = (f"SYNTHETIC world: a scripted agent profile ({where}), not a real model" if world["candidate_synthetic"]
+            else f"real endpoint {endpoint}" if endpoint else "real endpoint")
+    logs = ("SYNTHETIC logs: scripted agent profiles and users, not production traffic" if world["data_synthetic"]
+            else "real logs: the production model's own logged turns")
+    return world.get("label"), [("candidate", f"{ctx['candidate']} — {cand}"),
+                                ("baseline", f"{ctx['baseline']} (as logged) — {logs}"),
+                                ("data", f"{ctx['data']}")]
 
 
 def _table(frame: pl.DataFrame, columns: list[str], fmt: dict[str, Any] | None = None) -> str:
@@ -153,9 +194,12 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
     gated = gated.with_columns(
         baseline_rate=pl.col("category").replace_strict({k: v["rate"] for k, v in base.items()}, default=None))
     verdict = ctx["verdict"]
-    synthetic = ctx["synthetic"]
+    deciders = decided_by(gated, verdict)
+    gated = gated.with_columns(decides=pl.col("category").is_in(deciders).replace_strict({True: "decides", False: ""}))
+    label, roles = _roles(ctx)
+    title = f"depsim deployment simulation{f' ({label})' if label else ''}"
     pct = {k: _pct for k in ("rate", "lower", "upper", "baseline_rate", "delta", "delta_lower", "delta_upper", "max_rate", "max_regression")}
-    cols = ["category", "rate", "lower", "upper", "baseline_rate", "delta", "delta_lower", "delta_upper", "max_rate", "max_regression", "n", "n_unscored", "gate"]
+    cols = ["category", "rate", "lower", "upper", "baseline_rate", "delta", "delta_lower", "delta_upper", "max_rate", "max_regression", "n", "n_unscored", "gate", "decides"]
     check = ctx["check"]
     q: pl.DataFrame = ctx["quarantine"]
     strata: pl.DataFrame = ctx["strata"]
@@ -163,15 +207,16 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
     sources: dict[str, int] = ctx["source_counts"]
     cal_html, cal_md = _calibration_section(ctx)
     review_html, review_md = _review_section(ctx)
-    synth_note = ('<p class="synthetic"><b>SYNTHETIC world.</b> Candidate, baseline and production logs come from '
-                  "depsim's scripted synthetic agent profiles, not from real models or users.</p>") if synthetic else ""
+    synth_note = ("<p class='synthetic'><b>Roles.</b> " + "<br>".join(f"{r}: {html.escape(text)}" for r, text in roles)
+                  + "</p>") if label else ("<p class='muted'>" + " · ".join(f"{r}: {html.escape(text)}" for r, text in roles) + "</p>")
+    why = (f"decided by {', '.join(deciders)}" if verdict != "PASS" else "every category passed its gate")
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>depsim report {html.escape(ctx['run_key'])}</title><style>{_CSS}</style></head><body>",
-         f"<h1>depsim deployment simulation{' (SYNTHETIC)' if synthetic else ''}</h1>",
+         f"<h1>{html.escape(title)}</h1>",
          f"<p class='muted'>run {html.escape(ctx['run_key'])} · candidate <code>{html.escape(ctx['candidate'])}</code> vs production baseline <code>{html.escape(ctx['baseline'])}</code> · data {html.escape(ctx['data'])} (sha {ctx['dataset_hash']}) · seed {ctx['seed']}</p>",
          synth_note,
-         f"<div class='banner {verdict}'>Gate verdict: {verdict}</div>",
+         f"<div class='banner {verdict}'>Gate verdict: {verdict} <span class='muted'>({html.escape(why)})</span></div>",
          "<h2>Rates by category</h2>", _chart(gated, base),
-         "<p class='muted'>Rates per sampled assistant turn, weighted by inverse inclusion probability; 95% Wilson intervals on the design-effective sample size. Delta = candidate − baseline on the same turns (paired).</p>",
+         "<p class='muted'>Rates per sampled assistant turn, weighted by inverse inclusion probability; 95% Wilson intervals on the design-effective sample size. Delta = candidate − baseline on the same turns (paired). Gate: this category's verdict; decides: the categories whose gate is the overall verdict (the worst gate decides).</p>",
          _table(gated, cols, pct),
          *cal_html,
          *review_html,
@@ -213,15 +258,45 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           ("<p>Replay errors by reason: " + ", ".join(f"<code>{html.escape(k)}</code> {v}" for k, v in sorted(ctx['error_counts'].items())) + "</p>")
           if ctx.get("error_counts") else "",
           "</body></html>"]
-    md = [f"# depsim deployment simulation{' (SYNTHETIC)' if synthetic else ''}", "",
-          f"run `{ctx['run_key']}` · candidate `{ctx['candidate']}` vs baseline `{ctx['baseline']}` · seed {ctx['seed']}", "",
-          ("> SYNTHETIC world: scripted agent profiles, not real models or users." if synthetic else ""), "",
-          f"**Gate verdict: {verdict}**", "",
-          "| category | rate | 95% interval | baseline | delta | gate |", "|---|---:|---:|---:|---:|---|"]
+    md = [f"# {title}", "",
+          f"run `{ctx['run_key']}` · candidate `{_md_cell(ctx['candidate'])}` vs baseline `{_md_cell(ctx['baseline'])}` · seed {ctx['seed']}", "",
+          *(f"- {r}: {_md_cell(text)}" for r, text in roles), "",
+          f"**Gate verdict: {verdict}** ({why})", "",
+          "| category | rate | 95% interval | baseline | delta | gate | decides |", "|---|---:|---:|---:|---:|---|---|"]
     for r in gated.iter_rows(named=True):
-        md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} |")
+        md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} | {r['decides']} |")
     md += ["", *cal_md, *review_md]
     md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined"
            + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else "."),
            f"Sample: {ctx['sampled_turns']} of {ctx['population_turns']} turns.", ""]
+    return "".join(h), "\n".join(md)
+
+
+def render_error(ctx: dict[str, Any]) -> tuple[str, str]:
+    """(html, markdown) of a run that is an error: the candidate endpoint failed on too many turns.
+
+    ctx: run_key, candidate, endpoint, error (the one-line message), data, dataset_hash, seed,
+    turns, endpoint_errors (by kind), limit, finish_counts, error_counts.
+    """
+    counts: dict[str, int] = ctx["endpoint_errors"]
+    n = sum(counts.values())
+    share = n / max(int(ctx["turns"]), 1)
+    rows = pl.DataFrame([{"kind": k, "turns": v} for k, v in counts.items()], schema={"kind": pl.String, "turns": pl.Int64})
+    finish = ", ".join(f"{k} {v}" for k, v in sorted(ctx["finish_counts"].items()))
+    lead = (f"{n} of {ctx['turns']} replayed candidate turns ({share:.1%}) ended in an endpoint error, above the "
+            f"limit replay.max_error_share {ctx['limit']:.1%}. No rates are estimated and no gate is decided: "
+            "this is an infrastructure failure, not evidence about the model.")
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>depsim report {html.escape(ctx['run_key'])} (ERROR)</title><style>{_CSS}</style></head><body>",
+         "<h1>depsim deployment simulation: ERROR</h1>",
+         f"<p class='muted'>run {html.escape(ctx['run_key'])} · candidate <code>{html.escape(ctx['candidate'])}</code> at "
+         f"<code>{html.escape(ctx['endpoint'])}</code> · data {html.escape(ctx['data'])} (sha {html.escape(ctx['dataset_hash'])}) · seed {ctx['seed']}</p>",
+         "<div class='banner FAIL'>Run error: candidate endpoint failed</div>",
+         f"<p>{html.escape(lead)}</p>", f"<p><code>{html.escape(ctx['error'])}</code></p>",
+         "<h2>Endpoint errors by kind</h2>", _table(rows, ["kind", "turns"]),
+         f"<p>Finish reasons: {html.escape(finish)}</p>", "</body></html>"]
+    md = ["# depsim deployment simulation: ERROR", "",
+          f"run `{ctx['run_key']}` · candidate `{_md_cell(ctx['candidate'])}` at `{_md_cell(ctx['endpoint'])}` · seed {ctx['seed']}", "",
+          "**Run error: candidate endpoint failed**", "", lead, "", f"`{_md_cell(ctx['error'])}`", "",
+          "| kind | turns |", "|---|---:|", *(f"| {_md_cell(k)} | {v} |" for k, v in counts.items()), "",
+          f"Finish reasons: {finish}.", ""]
     return "".join(h), "\n".join(md)

@@ -435,6 +435,113 @@ def judge_review(store: RunStore, limit: int = 50) -> dict[str, Any]:
             "n_disagreements": found.height if found is not None else 0}
 
 
+def is_endpoint_error(kind: str) -> bool:
+    """Whether a replay error kind (tasks/replay.py) means the candidate endpoint did not answer:
+    an HTTP error, a timeout, a connection fault or a malformed body, after retries."""
+    return kind.startswith("http_") or kind in ("timeout", "connection", "malformed_response")
+
+
+def endpoint_errors(traj: pl.DataFrame) -> dict[str, int]:
+    """Candidate turns that ended in an endpoint error, by kind (e.g. {"connection": 20})."""
+    reasons = traj.filter(pl.col("finish") == "error")["error"].drop_nulls().to_list()
+    return dict(sorted(Counter(k for k in (e.split(":")[0] for e in reasons) if is_endpoint_error(k)).items()))
+
+
+class EndpointFailed(RuntimeError):
+    """Too many candidate turns ended in an endpoint error: the run is an error, not a verdict.
+
+    Attributes:
+        endpoint: the candidate's base_url without credentials.
+        counts: errored turns by kind.
+        report: the error report written to the run store (None until written).
+        run_id: the MLflow run, marked FAILED (None when logging it failed).
+    """
+
+    def __init__(self, endpoint: str, model: str, counts: dict[str, int], turns: int, limit: float) -> None:
+        n = sum(counts.values())
+        super().__init__(
+            f"candidate endpoint {endpoint} (model {model}) failed: {n} of {turns} replayed turns "
+            f"({n / max(turns, 1):.1%}, limit replay.max_error_share {limit:.1%}) ended in an endpoint error ("
+            + ", ".join(f"{k}={v}" for k, v in counts.items()) + "); no verdict")
+        self.endpoint, self.model, self.counts, self.turns, self.limit = endpoint, model, counts, turns, limit
+        self.report: str | None = None
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+
+def stage_endpoint_check(candidate: pl.DataFrame, s: Settings, store: RunStore, data_hash: str) -> dict[str, int]:
+    """Stop the run when the share of candidate turns with an endpoint error passes
+    replay.max_error_share; below it the errored turns stay in the denominator.
+
+    Over the limit, an error report is written to the run store and an MLflow run marked FAILED
+    is logged with the error counts, before raising.
+
+    Returns:
+        The endpoint errors by kind (under the limit).
+
+    Raises:
+        EndpointFailed: naming the endpoint and the counts, with the report path and run id.
+    """
+    counts = endpoint_errors(candidate)
+    if candidate.height == 0 or sum(counts.values()) / candidate.height <= s.replay.max_error_share:
+        return counts
+    ep = s.models.candidate
+    exc = EndpointFailed(ep.public_url, ep.model, counts, candidate.height, s.replay.max_error_share)
+    from tasks.report import render_error
+    from tasks.tracking import default_tracking_uri, log_run
+
+    finish, errors, _ = replay_counts(candidate)
+    ctx = {"run_key": store.run_key, "candidate": ep.model, "endpoint": ep.public_url, "error": str(exc),
+           "data": s.run.data or "bundled SYNTHETIC logs", "dataset_hash": data_hash, "seed": s.run.seed,
+           "turns": candidate.height, "endpoint_errors": counts, "limit": s.replay.max_error_share,
+           "finish_counts": finish, "error_counts": errors}
+    page, md = render_error(ctx)
+    store.write_text("report.md", md)
+    exc.report = store.write_text("report.html", page)
+    store.write_json("config.json", s.public_dict())
+    n = sum(counts.values())
+    metrics = {"replay.turns": float(candidate.height), "replay.endpoint_errors": float(n),
+               "replay.endpoint_error_share": n / candidate.height,
+               **{f"replay.finish.{k}": float(v) for k, v in finish.items()},
+               **{f"replay.error.{k}": float(v) for k, v in errors.items()}}
+    params = {"config": s.public_dict(), "dataset_hash": data_hash, "sample_size": candidate.height,
+              "roles": {"candidate": ep.model}, "candidate_endpoint": ep.public_url}
+    tags = {"depsim.verdict": "ERROR", "depsim.error": str(exc)[:5000], "depsim.candidate": ep.model,
+            "depsim.run_key": store.run_key}
+    try:
+        exc.run_id, exc.experiment_id = log_run(s.run.tracking_uri or default_tracking_uri(), s.run.experiment,
+                                                store.run_key, params, metrics, tags, store.local, status="FAILED")
+    except Exception as log_exc:  # the endpoint failure is the error to report, not MLflow's
+        log.warning("MLflow: the FAILED run was not logged: %s", log_exc)
+    raise exc
+
+
+def world_labels(s: Settings, sample: pl.DataFrame) -> dict[str, Any]:
+    """What each role of the run is, for labels: SYNTHETIC or real candidate, SYNTHETIC or real logs,
+    and the baseline's name as the sampled logs record it (not models.baseline).
+
+    The candidate is SYNTHETIC when it is the in-process world (synthetic://) or a scripted agent
+    profile (synthetic-agent-*) wherever it is served: `depsim serve-synthetic` serves only those
+    names. The logs are SYNTHETIC when every sampled turn was served by such a profile (or, with
+    nothing sampled, when they are the bundled logs).
+    """
+    from tasks.synthetic.profiles import PROFILE_NAMES
+
+    ep = s.models.candidate
+    candidate = ep.synthetic or ep.model in PROFILE_NAMES or ep.model.startswith("synthetic-agent-")
+    counts = Counter(str(m) for m in sample["model"].to_list()) if "model" in sample.columns else Counter()
+    logged = [m for m, _ in counts.most_common()]
+    data = all(m in PROFILE_NAMES for m in logged) if logged else s.run.data is None
+    total = sum(counts.values())
+    baseline = (logged[0] if len(logged) == 1 else
+                ", ".join(f"{m} ({c / total:.0%})" for m, c in counts.most_common()) if logged else s.models.baseline.model)
+    label = ("SYNTHETIC" if candidate and data else "SYNTHETIC candidate, real logs" if candidate
+             else "real candidate, SYNTHETIC logs" if data else None)
+    return {"candidate_synthetic": candidate, "data_synthetic": data, "synthetic": candidate or data,
+            "label": label, "baseline": baseline, "baseline_models": dict(counts.most_common()),
+            "endpoint": ep.public_url, "name": "synthetic" if candidate and data else "mixed" if candidate or data else "real"}
+
+
 def replay_counts(traj: pl.DataFrame) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """(finish reasons, error reasons, tool-result sources) of the candidate trajectories."""
     finish = dict(Counter(traj["finish"].to_list()))
@@ -490,7 +597,9 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                     "replay.prompt_tokens": ctx["prompt_tokens"], "replay.completion_tokens": ctx["completion_tokens"],
                     "elapsed_s": ctx["elapsed_s"]})
     params = {"config": s.public_dict(), "dataset_hash": ctx["dataset_hash"], "sample_size": ctx["sampled_turns"],
-              "roles": {r: getattr(s.models, r).model for r in ("candidate", "baseline", "simulator", "judge")},
+              "roles": {**{r: getattr(s.models, r).model for r in ("candidate", "simulator", "judge")},
+                        "baseline": ctx["baseline"]},
+              "candidate_endpoint": s.models.candidate.public_url,
               "judges": {"panel": ",".join(judges.get("provenance") or s.judge.kinds),
                          **(judges.get("provenance") or {})}}
     cal = ctx.get("calibration")
@@ -500,8 +609,11 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                                  "turns_per_unit": cal["turns_per_unit"], "panel": ",".join(cal["panel"]),
                                  "judge_versions": cal["judge_versions"],
                                  "warnings": " | ".join(cal["warnings"]) or "none"}
+    world = ctx["world"]
     tags = {"depsim.verdict": ctx["verdict"], "depsim.candidate": ctx["candidate"],
-            "depsim.baseline": ctx["baseline"], "depsim.world": "synthetic" if ctx["synthetic"] else "real",
+            "depsim.baseline": ctx["baseline"], "depsim.world": world["name"],
+            "depsim.world.candidate": "synthetic" if world["candidate_synthetic"] else "real",
+            "depsim.world.data": "synthetic" if world["data_synthetic"] else "real",
             "depsim.run_key": ctx["run_key"]}
     uri = s.run.tracking_uri or default_tracking_uri()
     return log_run(uri, s.run.experiment, ctx["run_key"], params, metrics, tags, store.local)

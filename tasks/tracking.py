@@ -80,8 +80,10 @@ def evaluation_metrics_of(judges: dict[str, Any]) -> dict[str, float]:
 
 
 def log_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
-            metrics: dict[str, float], tags: dict[str, str], artifact_dir: Path) -> tuple[str, str]:
-    """Create the MLflow run with everything; returns (run id, experiment id)."""
+            metrics: dict[str, float], tags: dict[str, str], artifact_dir: Path,
+            status: str = "FINISHED") -> tuple[str, str]:
+    """Create the MLflow run with everything, ended with `status` (FINISHED, or FAILED for a run
+    that is an error); returns (run id, experiment id)."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
@@ -102,7 +104,7 @@ def log_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str,
             client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in mitems[i:i + 500]])
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         client.log_artifacts(run_id, str(artifact_dir))
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, status)
     except BaseException:
         client.delete_run(run_id)
         raise
