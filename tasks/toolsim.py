@@ -308,6 +308,22 @@ def footprint(name: str, args: dict[str, Any]) -> Footprint:
     return Footprint(frozenset({ANY}), frozenset({ANY}))  # python, and anything not parsed
 
 
+@functools.lru_cache(maxsize=16384)
+def _cat_path(command: str) -> str | None:
+    """The file a plain `cat FILE` prints, else None."""
+    cmds = shell_commands(command)
+    if len(cmds) == 1 and cmds[0].argv[:1] == ["cat"] and len(cmds[0].argv) == 2 and not cmds[0].redirects \
+            and not cmds[0].argv[1].startswith("-") and _file_key(cmds[0].argv[1]) != FILES:
+        return cmds[0].argv[1]
+    return None
+
+
+@functools.lru_cache(maxsize=16384)
+def _rm_targets(command: str) -> tuple[str, ...]:
+    """What the `rm` commands of a line remove."""
+    return tuple(p for c in shell_commands(command) if c.prog == "rm" for p in c.operands())
+
+
 def _is_test_run(args: dict[str, Any]) -> bool:
     return bool(_TEST_CMD.search(str(args.get("command", ""))))
 
@@ -443,20 +459,24 @@ class ToolSimulator:
                 st.files[str(a["path"])] = text.replace(old, str(a.get("new_str", "")), 1)
         elif _is_test_run(a) and c.content is not None:
             st.last_test_output, self._tests_current = (c.content, True) if valid else (None, False)
+        elif lname in SHELL_TOOLS and (path := _cat_path(str(a.get("command", "")))) is not None:
+            if c.content is not None and not c.content.startswith("cat: "):
+                st.files[path] = c.content
+                st.deleted.discard(path)
         elif lname in SHELL_TOOLS:
-            for cmd in shell_commands(str(a.get("command", ""))):
-                if cmd.prog == "rm":
-                    for p in cmd.operands():
-                        st.deleted.update(f for f in st.files if f == p or f.startswith(p.rstrip("/") + "/"))
+            for p in _rm_targets(str(a.get("command", ""))):
+                st.deleted.update(f for f in st.files if f == p or f.startswith(p.rstrip("/") + "/"))
 
     def _seed_later(self, c: _Call) -> None:
         """Fold in a later recorded call whose result still holds at the replay point."""
         assert c.args is not None and c.content is not None
         lname, st = c.name.lower(), self.state
         if lname in READ_TOOLS and "path" in c.args and not c.content.startswith("Error"):
-            path = str(c.args["path"])
-            if path not in st.deleted:
-                st.files[path] = c.content
+            if str(c.args["path"]) not in st.deleted:
+                st.files[str(c.args["path"])] = c.content
+        elif lname in SHELL_TOOLS and (cat := _cat_path(str(c.args.get("command", "")))) is not None:
+            if not c.content.startswith("cat: ") and cat not in st.deleted:
+                st.files[cat] = c.content
         elif _is_test_run(c.args) and st.last_test_output is None:
             st.last_test_output, self._tests_current = c.content, True
 
@@ -491,7 +511,7 @@ class ToolSimulator:
             return
         lname = request.name.lower()
         with no_execution():
-            self._acted(footprint(request.name, request.args))
+            self._acted(_footprint_of(request.name, request.args))
             if lname in WRITE_TOOLS or lname in EDIT_TOOLS:
                 self._rules(lname, request.args, defer=False)
             elif _is_test_run(request.args):
@@ -512,7 +532,7 @@ class ToolSimulator:
         if not isinstance(args, dict):
             return ToolResult(f"Error: arguments for {name} must be a JSON object", "error", [], True)
         effects = classify_effects(name, args)
-        fp = footprint(name, args)
+        fp = _footprint_of(name, args)
         test_run = _is_test_run(args)
         for source in self.chain:
             if source == "recorded":

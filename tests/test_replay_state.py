@@ -238,3 +238,13 @@ def test_replay_sees_the_world_at_the_turn_start_and_marks_unknown_outcomes(serv
     assert tool_msgs[1] == "# billing\n" and results[1]["source"] == "recorded"
     assert tool_msgs[3].startswith(UNKNOWN_TEST_OUTCOME) and "12 passed" not in tool_msgs[3]
     assert results[3]["outcome"] == "unknown" and all("outcome" not in r for r in results[:3])
+
+
+def test_a_later_cat_of_an_untouched_file_seeds_the_world_and_a_later_cat_of_a_changed_one_does_not() -> None:
+    conv = [{"role": "user", "content": "look"},
+            *steps("p", ("shell", {"command": "cat setup.cfg"}, "[tool]\nx = 1\n"),
+                   ("write_file", {"path": "app.py", "content": "new\n"}, "Wrote 4 bytes to app.py"),
+                   ("shell", {"command": "cat app.py"}, "new\n"))]
+    sim = ToolSimulator(conv, ["rules"], replay_at=1)
+    assert run(sim, "read_file", path="setup.cfg").content == "[tool]\nx = 1\n"
+    assert run(sim, "read_file", path="app.py").content == "Error: file not found: app.py"
