@@ -260,8 +260,8 @@ def _command_footprint(c: Command, cd: bool) -> tuple[set[str], set[str]]:
             return reads | {FILES, VCS}, writes | {VCS, NET}
         return reads | {FILES, VCS}, writes | {FILES, VCS}
     if prog in _PATH_WRITERS:
-        targets = {key(p) for p in ops[1:] if prog in ("chmod", "chown")} if prog in ("chmod", "chown") else {key(p) for p in ops}
-        return reads | (targets or {FILES}), writes | (targets or {FILES})
+        targets = {key(p) for p in (ops[1:] if prog in ("chmod", "chown") else ops)} or {FILES}
+        return reads | targets, writes | targets
     if prog == "curl" and not (_CURL_WRITE_FLAGS & c.flags()):
         return reads | {NET}, writes
     return reads | {ANY}, writes | {ANY}  # a program that could do anything
