@@ -97,3 +97,16 @@ def test_synthetic_llm_judge_refused_for_a_real_candidate() -> None:
     assert load_settings(overrides={"judge": {"kinds": ["llm"]}, "models": {**real, **judge}}).judge.kinds == ["llm"]
     served = {"candidate": {"base_url": "http://127.0.0.1:8089/v1", "model": "synthetic-agent-v2"}}
     assert load_settings(overrides={"judge": {"kinds": ["llm"]}, "models": served}).models.candidate.synthetic_world
+
+
+def test_public_url_drops_credentials() -> None:
+    ep = Endpoint(base_url="https://user:pa55@api.example.com:8443/v1?api-key=k3y#frag", model="m")
+    assert ep.public_url == "https://api.example.com:8443/v1"
+    assert Endpoint(base_url="http://127.0.0.1:9/v1", model="m").public_url == "http://127.0.0.1:9/v1"
+    assert Endpoint(model="m").public_url == "synthetic://"
+
+
+def test_max_error_share_is_a_share() -> None:
+    assert load_settings().replay.max_error_share == 0.05
+    with pytest.raises(ConfigError, match=r"replay\.max_error_share"):
+        load_settings(overrides={"replay": {"max_error_share": 1.5}})

@@ -16,7 +16,6 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.config import load_settings
 from tasks.records import TRAJECTORY_SCHEMA
 from tasks.stages import EndpointFailed, endpoint_errors, is_endpoint_error
 from tests.conftest import free_port, run_cli, synthetic_rows, write_jsonl
@@ -51,11 +50,6 @@ def test_endpoint_failed_is_one_line_naming_endpoint_and_counts() -> None:
     assert "\n" not in text
     assert "http://127.0.0.1:9/v1" in text and "connection=18, timeout=2" in text
     assert "20 of 20" in text and "limit replay.max_error_share 5.0%" in text
-
-
-def test_max_error_share_setting() -> None:
-    assert load_settings().replay.max_error_share == 0.05
-    assert load_settings(overrides={"replay": {"max_error_share": 0.2}}).replay.max_error_share == 0.2
 
 
 def _runs(uri: str) -> list[Any]:

@@ -43,3 +43,75 @@ def test_report_is_self_contained_and_complete() -> None:
     for cat in ALL_CATEGORIES:
         assert cat in page and f"| {cat} |" in md
     assert "Strata with no sampled turn: b" in page and "tools_inferred" in page and "x.jsonl" in page
+
+
+def _gated(gates: dict[str, str]) -> pl.DataFrame:
+    return pl.DataFrame([{"category": c, "rate": 0.01, "lower": 0.005, "upper": 0.02, "delta": -0.01,
+                          "delta_lower": -0.02, "delta_upper": 0.0, "max_rate": 0.05, "max_regression": 0.02,
+                          "n": 100, "n_unscored": 0, "gate": gates.get(c, "PASS")} for c in ALL_CATEGORIES])
+
+
+def _decides_cells(page: str) -> dict[str, str]:
+    """category → its `decides` cell in the rates table (the last cell of the row)."""
+    table = page.split("<h2>Rates by category</h2>", 1)[1].split("</table>", 1)[0]
+    out = {}
+    for row in table.split("<tr>")[2:]:  # [0] before the table, [1] the header
+        cells = [c.split(">", 1)[1].split("</td>", 1)[0] for c in row.split("<td")[1:]]
+        out[cells[0]] = cells[-1]
+    return out
+
+
+def test_gate_column_names_the_categories_that_decided_the_verdict() -> None:
+    fail = {ALL_CATEGORIES[1]: "FAIL", ALL_CATEGORIES[3]: "FAIL", ALL_CATEGORIES[4]: "INCONCLUSIVE"}
+    page, md = render({**_ctx("c"), "gated": _gated(fail), "verdict": "FAIL"})
+    cells = _decides_cells(page)
+    assert set(cells) == set(ALL_CATEGORIES)
+    assert {c for c, v in cells.items() if v == "decides"} == {ALL_CATEGORIES[1], ALL_CATEGORIES[3]}
+    assert f"decided by {ALL_CATEGORIES[1]}, {ALL_CATEGORIES[3]}" in page
+    assert f"| {ALL_CATEGORIES[1]} |" in md and "| FAIL | decides |" in md and "| INCONCLUSIVE |  |" in md
+    page, _ = render({**_ctx("c"), "gated": _gated({ALL_CATEGORIES[0]: "INCONCLUSIVE"}), "verdict": "INCONCLUSIVE"})
+    assert {c for c, v in _decides_cells(page).items() if v == "decides"} == {ALL_CATEGORIES[0]}
+    page, _ = render({**_ctx("c"), "gated": _gated({}), "verdict": "PASS"})
+    assert set(_decides_cells(page).values()) == {"decides"} and "every category passed its gate" in page
+
+
+def test_chart_has_a_labelled_percentage_axis() -> None:
+    page, _ = render(_ctx("c"))  # largest upper bound 4% (baseline): axis 0–4% in 1% steps
+    svg = page.split("<svg", 1)[1].split("</svg>", 1)[0]
+    ticks = [t.split(">", 1)[1].split("<", 1)[0] for t in svg.split('<text class="tick"')[1:]]
+    assert ticks == ["0%", "1%", "2%", "3%", "4%"]
+    assert "rate per sampled turn" in svg
+
+
+def _world(candidate: bool, data: bool, label: str | None) -> dict:
+    return {"candidate_synthetic": candidate, "data_synthetic": data, "label": label, "endpoint": "http://h:1/v1"}
+
+
+def test_roles_are_labelled_for_what_they_are() -> None:
+    ctx = {**_ctx("synthetic-agent-v2"), "baseline": "acme-prod-7", "synthetic": True,
+           "world": _world(True, False, "SYNTHETIC candidate, real logs")}
+    page, md = render(ctx)
+    assert "(SYNTHETIC)" not in page and "(SYNTHETIC)" not in md
+    assert "depsim deployment simulation (SYNTHETIC candidate, real logs)</h1>" in page
+    assert "acme-prod-7 (as logged) — real logs" in page and "synthetic-agent-v1" not in page
+    assert "synthetic-agent-v2 — SYNTHETIC world" in page and "- baseline: acme-prod-7 (as logged) — real logs" in md
+    real = {**_ctx("my-ckpt"), "baseline": "acme-prod-7", "synthetic": False, "world": _world(False, False, None)}
+    page, md = render(real)
+    assert "SYNTHETIC" not in page and "SYNTHETIC" not in md
+    assert "my-ckpt — real endpoint http://h:1/v1" in page
+    both = {**_ctx("synthetic-agent-v2"), "baseline": "synthetic-agent-v1",
+            "world": _world(True, True, "SYNTHETIC")}
+    page, _ = render(both)
+    assert "depsim deployment simulation (SYNTHETIC)</h1>" in page and "SYNTHETIC logs" in page
+
+
+def test_error_report_says_the_run_is_an_error() -> None:
+    from tasks.report import render_error
+
+    page, md = render_error({"run_key": "k", "candidate": "my-<ckpt>", "endpoint": "http://127.0.0.1:9/v1",
+                             "error": "candidate endpoint failed", "data": "d", "dataset_hash": "h", "seed": 1,
+                             "turns": 20, "endpoint_errors": {"connection": 18, "http_503": 1}, "limit": 0.05,
+                             "finish_counts": {"error": 19, "answered": 1}, "error_counts": {"connection": 18}})
+    assert "Run error: candidate endpoint failed" in page and "19 of 20 replayed candidate turns (95.0%)" in page
+    assert "my-&lt;ckpt&gt;" in page and "<ckpt>" not in page and "Gate verdict" not in page
+    assert "| connection | 18 |" in md and "| http_503 | 1 |" in md
