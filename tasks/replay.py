@@ -37,7 +37,13 @@ from tasks.effects import is_test_command
 from tasks.models import BudgetExceeded, ChatModel, ChatResult, ModelCallError
 from tasks.records import TRAJECTORY_SCHEMA
 from tasks.simulator_llm import LLMSimulator, failed, tool_schemas
-from tasks.toolsim import LLMRequest, ToolResult, ToolSimulator, classify_effects
+from tasks.toolsim import (
+    UNKNOWN_TEST_OUTCOME,
+    LLMRequest,
+    ToolResult,
+    ToolSimulator,
+    classify_effects,
+)
 
 # One row per model call of a replay (stats["calls"] of replay_sample).
 CALL_SCHEMA = {
@@ -76,7 +82,8 @@ async def _ask_llm(simulator: LLMSimulator | None, sim: ToolSimulator, req: LLMR
         res = await simulator.answer(req, tool, trajectory, sim.state)
         sim.learn(req, res)
     if res.is_error and is_test_command(str(req.args.get("command", ""))):
-        res.outcome = "unknown"  # the test run got no answer: its outcome is unknown
+        # the test run got no answer: its outcome is unknown, and the text says so first
+        res.outcome, res.content = "unknown", f"{UNKNOWN_TEST_OUTCOME}: {res.content}"
     return res
 
 

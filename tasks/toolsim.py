@@ -680,6 +680,8 @@ def _parses(source: str) -> bool:
 
 def unavailable(name: str, effects: list[str], test_run: bool = False) -> ToolResult:
     """The error result for a call no source of the chain answered (a test run's outcome is
-    then unknown)."""
-    return ToolResult(f"Error: tool {name!r} is not available in this environment", "error", effects, True,
-                      outcome="unknown" if test_run else None)
+    then unknown, and says so first)."""
+    text = f"Error: tool {name!r} is not available in this environment"
+    if test_run:
+        return ToolResult(f"{UNKNOWN_TEST_OUTCOME}: {text}", "error", effects, True, outcome="unknown")
+    return ToolResult(text, "error", effects, True)

@@ -248,3 +248,21 @@ def test_a_later_cat_of_an_untouched_file_seeds_the_world_and_a_later_cat_of_a_c
     sim = ToolSimulator(conv, ["rules"], replay_at=1)
     assert run(sim, "read_file", path="setup.cfg").content == "[tool]\nx = 1\n"
     assert run(sim, "read_file", path="app.py").content == "Error: file not found: app.py"
+
+
+def test_a_test_run_the_llm_source_could_not_answer_has_an_unknown_outcome(server: ServerProcess) -> None:
+    script = [{"name": "write_file", "arguments": {"path": "src/billing.py", "content": FIXED}},
+              {"name": "shell", "arguments": {"command": "pytest"}},
+              {"name": "shell", "arguments": {"command": "make lint"}}]
+    conv = conversation("c2", script=script)
+    conv["messages"] += LATER
+    sample, frame = turn_frames([conv])
+    cfg = ReplayCfg(simulator_chain=["recorded", "rules", "llm"])  # no simulator endpoint for a real candidate
+    traj, _ = asyncio.run(replay_sample(sample, frame, Endpoint(base_url=server.url, model="script#nollm"), cfg, 0))
+    row = traj.row(0, named=True)
+    tool_msgs = [m["content"] for m in json.loads(row["messages"]) if m["role"] == "tool"]
+    results = json.loads(row["tool_results"])
+    assert [r["source"] for r in results] == ["rules", "error", "error"]
+    assert results[1]["outcome"] == "unknown" and results[1]["reason"].startswith("simulator_unconfigured")
+    assert tool_msgs[1].startswith(UNKNOWN_TEST_OUTCOME) and "12 passed" not in tool_msgs[1]
+    assert "outcome" not in results[2] and tool_msgs[2].startswith("Error: tool 'shell' returned no result")

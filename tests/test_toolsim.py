@@ -246,6 +246,9 @@ def test_test_run_without_recording_has_an_unknown_outcome() -> None:
 def test_test_run_with_recorded_chain_only_is_unavailable_with_unknown_outcome() -> None:
     r = run(ToolSimulator(recording(), ["recorded"]), "shell", command="pytest -q")
     assert (r.source, r.is_error, r.outcome) == ("error", True, "unknown")
+    assert r.content.startswith(UNKNOWN_TEST_OUTCOME) and "not available" in r.content
+    other = run(ToolSimulator(recording(), ["recorded"]), "shell", command="ls")
+    assert other.outcome is None and other.content.startswith("Error: tool 'shell' is not available")
 
 
 def test_rm_hides_files() -> None:
