@@ -185,21 +185,34 @@ DELTA_SCHEMA: dict[str, Any] = {"category": pl.String, "n_paired": pl.Int64, "de
 
 
 def paired_delta(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
-    """Candidate − baseline per category on turns scored on both sides (paired design).
+    """Candidate − baseline per category over the turns judged on both sides (paired design).
 
-    The interval is Tango's score interval on the design-effective number of pairs
-    (`delta_interval`).
+    The estimate and `n_paired` are over the pairs scored on both sides; the interval is Tango's
+    score interval on the design-effective number of pairs (`delta_interval`). Unscored verdicts
+    widen it as they widen the rates, never count either way: the lower bound is the lower bound
+    with unscored candidate verdicts as negatives and unscored baseline verdicts as positives,
+    the upper bound the reverse. Dropping them instead would bias the delta whenever what makes a
+    verdict unscored is related to the outcome (a success claim after a test run whose outcome
+    the simulator could not know).
     """
     design = sample.select("turn_id", "weight", "stratum", "conversation_id")
     c = scores.filter(pl.col("side") == "candidate").select("turn_id", "category", yc="verdict")
     b = scores.filter(pl.col("side") == "baseline").select("turn_id", "category", yb="verdict")
-    both = c.join(b, on=["turn_id", "category"]).drop_nulls().join(design, on="turn_id").sort("category", "turn_id")
+    pairs = c.join(b, on=["turn_id", "category"]).join(design, on="turn_id").sort("category", "turn_id")
     rows = []
-    for (cat,), grp in both.group_by("category", maintain_order=True):
-        est, lo, hi, _ = delta_interval(grp["yc"].cast(pl.Int8).to_numpy(), grp["yb"].cast(pl.Int8).to_numpy(),
-                                        grp["weight"].to_numpy(), grp["stratum"].to_numpy(),
-                                        grp["conversation_id"].to_numpy())
-        rows.append({"category": cat, "n_paired": grp.height, "delta": est, "delta_lower": lo, "delta_upper": hi})
+    for (cat,), grp in pairs.group_by("category", maintain_order=True):
+        def interval(g: pl.DataFrame, fill_c: bool | None = None, fill_b: bool | None = None) -> tuple[float, ...]:
+            yc = g["yc"] if fill_c is None else g["yc"].fill_null(fill_c)
+            yb = g["yb"] if fill_b is None else g["yb"].fill_null(fill_b)
+            return delta_interval(yc.cast(pl.Int8).to_numpy(), yb.cast(pl.Int8).to_numpy(), g["weight"].to_numpy(),
+                                  g["stratum"].to_numpy(), g["conversation_id"].to_numpy())
+
+        complete = grp.drop_nulls(["yc", "yb"])
+        est, lo, hi, _ = interval(complete)
+        if complete.height < grp.height:
+            lo = min(lo, interval(grp, False, True)[1])
+            hi = max(hi, interval(grp, True, False)[2])
+        rows.append({"category": cat, "n_paired": complete.height, "delta": est, "delta_lower": lo, "delta_upper": hi})
     return pl.DataFrame(rows, schema=DELTA_SCHEMA)
 
 

@@ -209,6 +209,14 @@ def test_min_detectable_rate_is_the_rule_of_three() -> None:
     assert min_detectable_rate(np.array([])) == 1.0
 
 
+def test_estimate_columns_are_the_record_schema_plus_min_detectable_rate() -> None:
+    from tasks.records import ESTIMATE_SCHEMA
+
+    est = estimate(*frames([True, False], [False, False]))
+    assert est.columns == [*ESTIMATE_SCHEMA, "min_detectable_rate"]
+    assert {c: est.schema[c] for c in ESTIMATE_SCHEMA} == ESTIMATE_SCHEMA
+
+
 def test_estimate_reports_min_detectable_rate() -> None:
     est = estimate(*frames([False] * 500, [False] * 500))
     assert est["min_detectable_rate"].to_list() == pytest.approx([min_detectable_rate(np.ones(500))] * 2)
@@ -301,6 +309,22 @@ def test_paired_delta_uses_only_turns_scored_on_both_sides() -> None:
     row = paired_delta(*frames(cand, base)).row(0, named=True)
     assert row["n_paired"] == 2
     assert row["delta"] == pytest.approx(0.5)
+
+
+def test_paired_delta_unscored_widen_the_bounds_instead_of_vanishing() -> None:
+    # Candidate verdicts are missing exactly where the baseline is positive: dropping those pairs
+    # would report a +5-point regression with a lower bound above 0.
+    cand = [True] * 10 + [None] * 10 + [False] * 180
+    base = [False] * 10 + [True] * 10 + [False] * 180
+    row = paired_delta(*frames(cand, base)).row(0, named=True)
+    complete = paired_delta(*frames(cand[:10] + cand[20:], base[:10] + base[20:])).row(0, named=True)
+    assert row["n_paired"] == 190 and row["delta"] == pytest.approx(10 / 190)
+    assert complete["delta_lower"] > 0  # what a complete-case interval would claim
+    as_neg = paired_delta(*frames([False if v is None else v for v in cand], base)).row(0, named=True)
+    as_pos = paired_delta(*frames([True if v is None else v for v in cand], base)).row(0, named=True)
+    assert row["delta_lower"] == pytest.approx(min(as_neg["delta_lower"], complete["delta_lower"]))
+    assert row["delta_upper"] == pytest.approx(max(as_pos["delta_upper"], complete["delta_upper"]))
+    assert row["delta_lower"] < 0 < row["delta_upper"]
 
 
 def test_paired_delta_is_weighted_and_clamped() -> None:
