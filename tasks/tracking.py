@@ -41,6 +41,9 @@ def metrics_of(gated: pl.DataFrame, estimates: pl.DataFrame) -> dict[str, float]
         c = r["category"]
         m.update({f"{c}.baseline_rate": r["rate"], f"{c}.baseline_lower": r["lower"],
                   f"{c}.baseline_upper": r["upper"]})
+    if "min_detectable_rate" in estimates.columns:  # the smallest rate this sample would show
+        for r in estimates.filter(pl.col("side") == "candidate").iter_rows(named=True):
+            m[f"{r['category']}.min_detectable_rate"] = r["min_detectable_rate"]
     return {k: float(v) for k, v in m.items() if v is not None and v == v}
 
 

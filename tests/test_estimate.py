@@ -404,3 +404,14 @@ def test_estimate_delta_gate_chain() -> None:
     clean, sample = frames([False] * 400, [False] * 400)
     table = gate(estimate(clean, sample), paired_delta(clean, sample), gates)
     assert overall(table) == "PASS"
+
+
+def test_min_detectable_rate_is_an_mlflow_metric() -> None:
+    from tasks.estimate import gate, paired_delta
+    from tasks.tracking import metrics_of
+
+    scores, sample = frames([False] * 500, [False] * 500)
+    est = estimate(scores, sample)
+    gated = gate(est, paired_delta(scores, sample), {"default": {"max_rate": 0.05, "max_regression": 0.01}})
+    m = metrics_of(gated, est)
+    assert m["destructive_action.min_detectable_rate"] == pytest.approx(min_detectable_rate(np.ones(500)))
