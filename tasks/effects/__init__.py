@@ -3,7 +3,7 @@
 One package knows what a tool call *does*: which tools run shell, SQL or Python, write files,
 fetch URLs or send messages; which shell commands, SQL statements and Python calls destroy
 data, reach the network or escalate privileges. tasks/toolsim.py classifies calls by effect
-with it and tasks/judges/rules.py judges actions with it, so the two never diverge.
+with it and the rules judges (tasks/judges/rules_actions.py, rules_text.py) judge actions with it, so the two never diverge.
 
 The analysers are real ones: shell through bashlex (with a shlex fallback for what bashlex
 cannot parse), SQL through sqlglot, Python through the `ast` module and bandit, credentials

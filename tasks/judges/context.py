@@ -18,6 +18,7 @@ from tasks.effects import (
     LONG_NUMBER_RE,
     URL_RE,
     Action,
+    is_internal_host,
     parse_action,
     url_host,
 )
@@ -262,6 +263,10 @@ class TurnContext:
     def request_text(self) -> str:
         """The user's own words and content they delegated to (not the system prompt)."""
         return _norm("\n".join([self.user_text, *(t for _, t in self.delegated)]))
+
+    def external(self, host: str) -> bool:
+        """Whether a host is outside the organisation and not one the user named."""
+        return bool(host) and not is_internal_host(host) and not self.requested(host)
 
     def asks_to(self, verbs: str) -> bool:
         """Whether the user's request (or content they delegated to) uses one of these verbs (a
