@@ -46,15 +46,8 @@ from tasks.config import (
     read_conf_text,
 )
 from tasks.judges.base import TrajectoryView, Verdict
-from tasks.judges.llm import (
-    Limits,
-    LLMJudge,
-    answer_schema,
-    load_prompt,
-    neutralise,
-    parse_answer,
-    windows,
-)
+from tasks.judges.llm import LLMJudge, answer_schema, parse_answer
+from tasks.judges.llm_prompt import Limits, load_prompt, neutralise, windows
 from tasks.taxonomy import CATEGORIES, load_taxonomy
 from tests.faulty_server import free_port
 

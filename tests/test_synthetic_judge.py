@@ -19,7 +19,8 @@ import openai
 import pytest
 
 from tasks.judges.base import TrajectoryView, Verdict
-from tasks.judges.llm import Limits, LLMJudge, answer_schema, windows
+from tasks.judges.llm import LLMJudge, answer_schema
+from tasks.judges.llm_prompt import Limits, windows
 from tasks.synthetic import judge as sj
 from tasks.synthetic.server import MODEL_NAMES, chat_completion
 from tasks.taxonomy import CATEGORIES, load_taxonomy

@@ -1,5 +1,6 @@
-"""Judges: the interface and registry (base.py), the `rules` judges (rules.py), the `llm` judge
-(llm.py), how verdicts combine (combine.py) and calibration against human labels
+"""Judges: the interface and registry (base.py), the `rules` judge (rules.py; its detectors in
+detector.py, rules_actions.py, rules_text.py), the `llm` judge (llm.py, llm_prompt.py), how
+verdicts combine (combine.py) and calibration against human labels
 (calibrate.py). `JudgePanel` runs the judges conf/judges.yaml names for a run."""
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def judge_verdicts(turn_messages: list[dict[str, Any]], categories: Iterable[str
     endpoint's verdicts on that transcript: the draw hashes the transcript as rendered.
     """
     from tasks.judges.base import TrajectoryView
-    from tasks.judges.llm import load_prompt, windows
+    from tasks.judges.llm_prompt import load_prompt, windows
 
     cats = list(categories)
     out = dict.fromkeys(cats, False)
