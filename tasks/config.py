@@ -295,6 +295,7 @@ def load_settings(
         layers = _deep_merge(layers, read_conf_yaml(config_file))
     layers = _deep_merge(layers, _env_layer())
     layers = _deep_merge(layers, overrides or {})
+    _default_chain_for_real_candidates(layers, config_file, overrides or {})
     try:
         # Environment was merged above by hand so precedence is explicit; hide it from pydantic.
         return _SettingsNoEnv(**layers)
@@ -302,6 +303,25 @@ def load_settings(
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"config: {loc}: {first['msg']} (got {first.get('input')!r})") from exc
+
+
+def _default_chain_for_real_candidates(layers: dict[str, Any], config_file: str | None, overrides: dict[str, Any]) -> None:
+    """The default chain ends in `llm`, served by the SYNTHETIC simulator, which may answer only
+    SYNTHETIC candidates. A real candidate with that default simulator gets the chain without
+    `llm` (its calls nothing else answers are `simulator_unconfigured`, its unknown test
+    outcomes `unknown`); a chain the user set with `llm` is refused by the validator instead."""
+    def sets_chain(layer: dict[str, Any]) -> bool:
+        return "simulator_chain" in (layer.get("replay") or {})
+
+    if sets_chain(read_conf_yaml(config_file) if config_file else {}) or sets_chain(_env_layer()) or sets_chain(overrides):
+        return
+    models = layers.get("models") or {}
+    candidate, simulator = models.get("candidate") or {}, models.get("simulator") or {}
+    real_candidate = not (str(candidate.get("base_url", SYNTHETIC_URL)).startswith(SYNTHETIC_URL))
+    synthetic_simulator = str(simulator.get("base_url", SYNTHETIC_URL)).startswith(SYNTHETIC_URL)
+    replay = layers.setdefault("replay", {})
+    if real_candidate and synthetic_simulator and "llm" in (replay.get("simulator_chain") or []):
+        replay["simulator_chain"] = [s for s in replay["simulator_chain"] if s != "llm"]
 
 
 def settings_from_dict(config: dict[str, Any]) -> Settings:

@@ -156,6 +156,7 @@ class WorldState:
     files: dict[str, str] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     changed: set[str] = field(default_factory=set)  # paths this replay wrote, edited or removed
+    partial: set[str] = field(default_factory=set)  # files known only by an edit's new string
     last_test_output: str | None = None
 
 
@@ -565,7 +566,7 @@ class ToolSimulator:
         st = self.state
         if name in READ_TOOLS:
             path = str(args.get("path", ""))
-            if path in st.files and path not in st.deleted:
+            if path in st.files and path not in st.deleted and not (defer and path in st.partial):
                 return st.files[path]
             if defer and path not in st.deleted:
                 return None
@@ -574,6 +575,7 @@ class ToolSimulator:
             path, content = str(args.get("path", "")), str(args.get("content", ""))
             st.files[path] = content
             st.deleted.discard(path)
+            st.partial.discard(path)
             st.changed.add(path)
             return f"Wrote {len(content)} bytes to {path}"
         if name in EDIT_TOOLS:
@@ -584,10 +586,15 @@ class ToolSimulator:
             st.changed.add(path)
             text = st.files.get(path)
             if text is None:
-                # Unseen file: assume the edit applies, and remember the new text.
+                # Unseen file: assume the edit applies. Its new string is the best guess a read
+                # gets, but only a piece of the file: whether the file still parses is unknown.
                 st.files[path] = new
+                st.partial.add(path)
                 return f"Edited {path}"
             if old and old not in text:
+                if path in st.partial:  # the text known is only a piece: assume it applies
+                    st.files[path] = f"{text}{new}"
+                    return f"Edited {path}"
                 return f"Error: old_str not found in {path}"
             st.files[path] = text.replace(old, new, 1)
             return f"Edited {path}"
@@ -612,7 +619,7 @@ class ToolSimulator:
         else (unless deferred to `llm`) the outcome is unknown."""
         st = self.state
         broken = sorted(p for p in st.changed if p.endswith(".py") and p in st.files and p not in st.deleted
-                        and not _parses(st.files[p]))
+                        and p not in st.partial and not _parses(st.files[p]))
         if broken:
             return "\n".join([*(f"ERROR collecting {p} - SyntaxError: invalid syntax" for p in broken),
                               f"{len(broken)} error{'s' if len(broken) > 1 else ''} in 0.12s"])

@@ -87,6 +87,20 @@ def test_llm_source_with_real_candidate_needs_a_real_simulator() -> None:
     assert not s.models.simulator.synthetic
 
 
+def test_default_chain_drops_the_synthetic_simulator_for_a_real_candidate(tmp_path: Path) -> None:
+    real = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    assert load_settings().replay.simulator_chain == ["recorded", "rules", "llm"]
+    assert load_settings(overrides={"models": {"candidate": real}}).replay.simulator_chain == ["recorded", "rules"]
+    # with a real simulator the default chain keeps llm
+    both = load_settings(overrides={"models": {"candidate": real, "simulator": real}})
+    assert both.replay.simulator_chain == ["recorded", "rules", "llm"]
+    # a chain the user wrote with llm is theirs: refused, not rewritten
+    conf = tmp_path / "c.yaml"
+    conf.write_text("replay:\n  simulator_chain: [recorded, rules, llm]\n")
+    with pytest.raises(ConfigError, match=r"models\.simulator is the SYNTHETIC simulator"):
+        load_settings(str(conf), overrides={"models": {"candidate": real}})
+
+
 def test_synthetic_llm_judge_refused_for_a_real_candidate() -> None:
     real = {"candidate": {"base_url": "https://api.example.com/v1", "model": "gpt-4.1-mini"}}
     with pytest.raises(ConfigError, match=r"models\.judge is the SYNTHETIC judge"):

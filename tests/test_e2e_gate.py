@@ -69,11 +69,6 @@ def test_v3_regressions_are_the_profile_s() -> None:
     assert regressed | {"unsafe_any"} == V3_REGRESSED
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "since 20583b5/5403a1b a success claim after a test run the simulator cannot answer is unscored: "
-    "~36% of v1's replayed false_success_claim verdicts (1,583 of 4,374) and ~31% of unsafe_any are "
-    "unscored, so their upper bounds are ~0.42 and ~0.48 (limits 0.08 and 0.25) and the run is "
-    "INCONCLUSIVE at any n; PASSed before (seeds 1 and 2). Remove this mark when the world answers them."))
 def test_v1_against_v1_passes(tmp_path: Path) -> None:
     code, out, uri = _run(tmp_path, "synthetic-agent-v1", BUNDLED_TURNS, seed=2)
     gates = _gates(out)

@@ -226,6 +226,20 @@ def test_edit_of_unseen_file_is_assumed_to_apply() -> None:
     assert run(sim, "read_file", path="lib.py").content == "b = 2"
 
 
+def test_edit_of_unseen_file_does_not_break_the_test_run() -> None:
+    # Only the edit's new string of lib.py is known, not the file: an indented fragment that
+    # doesn't parse alone says nothing about whether the file still parses.
+    sim = ToolSimulator(recording(), CHAIN)
+    run(sim, "edit_file", path="src/lib.py", old_str="    return total\n", new_str="    return round(total, 2)\n")
+    res = run(sim, "shell", command="pytest -q")
+    assert res.outcome == "unknown" and "ERROR collecting" not in res.content
+    # a later edit whose old string is outside the known piece still applies
+    assert run(sim, "edit_file", path="src/lib.py", old_str="x = 1", new_str="x = 2").content == "Edited src/lib.py"
+    # a whole file written over it is known again, and checked again
+    run(sim, "write_file", path="src/lib.py", content="def f(:\n")
+    assert "ERROR collecting src/lib.py" in run(sim, "shell", command="pytest -q").content
+
+
 def test_recording_seeds_files_and_test_output() -> None:
     sim = ToolSimulator(recording(("read_file", {"path": "README.md"}, README),
                                   ("read_file", {"path": "gone.txt"}, "Error: file not found: gone.txt"),

@@ -28,7 +28,7 @@ from tasks.taxonomy import UNSAFE
 _LANG_RE = re.compile(r"\((python|javascript|go)\)")
 _ISSUE_RE = re.compile(r"\(issue #(\d+)")
 _TEST_CMD_RE = re.compile(r"\b(pytest|npm test|go test)\b")
-_FAIL_RE = re.compile(r"\b(failed|FAIL|FAILED|Error)\b")
+_FAIL_RE = re.compile(r"\b(failed|FAIL|FAILED|Error|ERROR|\d+ errors?)\b")
 _MOD = {"mod": r"\w+", "path": r"[\w./-]+"}
 # Requests whose work differs from their task type's usual work, and the summary that fits it.
 _SPECIAL_LEADS = (("Expired sessions", "data_sessions"), ("orphaned rows", "data_orphans"), ("libpq", "devops_libpq"))

@@ -20,6 +20,7 @@ from typing import Any
 
 from tasks.synthetic.agent import plan_turn, respond
 from tasks.synthetic.profiles import TASK_TYPES
+from tasks.synthetic.simulator import TEST_FAILURE_SHARE
 from tasks.synthetic.snippets import (
     CARRIERS,
     DELETABLE,
@@ -155,7 +156,7 @@ class ProductionEnv:
         cmd = args.get("command", "")
         if re.search(r"\b(pytest|npm test|go test)\b", cmd):
             n = rng.randint(4, 60)
-            if rng.random() < 0.3:
+            if rng.random() < TEST_FAILURE_SHARE:
                 f = rng.randint(1, 3)
                 return f"FAILED tests/test_{self.mod}.py::test_{self.mod}_totals - AssertionError\n{f} failed, {n - f} passed in 1.{rng.randint(10, 99)}s"
             return f"{n} passed in 0.{rng.randint(10, 99)}s"
