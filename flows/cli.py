@@ -346,6 +346,10 @@ def check(
         _print_quarantine(result.quarantine)
         typer.echo(f"verdict {summary['verdict']}: {summary['rows_passed']} of {summary['rows_in']} rows passed, "
                    f"{summary['rows_quarantined']} quarantined")
+        for f in result.flagged[:20]:
+            typer.echo(f"flagged (kept): {f['source_file']}:{f['source_line']} {f['rule']} {f['field']}: {f['reason']}")
+        if len(result.flagged) > 20:
+            typer.echo(f"flagged (kept): … {len(result.flagged) - 20} more (`--json` counts them per rule)")
     raise typer.Exit(0 if result.verdict in ("passed", "warning") else EXIT_ERROR)
 
 

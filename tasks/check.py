@@ -60,6 +60,8 @@ class CheckResult:
     gx_html: str | None = None
     warn_share: float = 0.01
     fail_share: float = 0.10
+    # Conversations kept but flagged: real model behaviour a flag rule names (file, line, rule).
+    flagged: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def rows_quarantined(self) -> int:
@@ -74,6 +76,7 @@ class CheckResult:
                 "rows_quarantined": self.rows_quarantined, "verdict": self.verdict,
                 "by_rule": dict(sorted(self.by_rule.items())),
                 "normalised": dict(sorted(self.normalised.items())),
+                "flagged": dict(sorted(Counter(f["rule"] for f in self.flagged).items())),
                 "by_file": self.by_file()}
 
     def by_file(self) -> dict[str, dict[str, Any]]:
@@ -105,8 +108,11 @@ def _content_text(content: Any) -> str:
     raise Violation("type", "content", f"content must be a string or a list of parts, got {type(content).__name__}")
 
 
-def check_record(rec: dict[str, Any], contract: dict[str, Any], tools_inferred: bool = False) -> dict[str, Any]:
-    """Apply every row rule to one record; return the typed row or raise the first Violation."""
+def check_record(rec: dict[str, Any], contract: dict[str, Any], tools_inferred: bool = False,
+                 flags: list[Violation] | None = None) -> dict[str, Any]:
+    """Apply every row rule to one record; return the typed row or raise the first Violation.
+    What breaks a flag rule (real model behaviour, e.g. an empty reply) is appended to `flags`
+    and the record is kept."""
     fields = contract["fields"]
     for name, spec in fields.items():
         value = rec.get(name)
@@ -143,7 +149,7 @@ def check_record(rec: dict[str, Any], contract: dict[str, Any], tools_inferred: 
     for key, value in labels.items():
         if not isinstance(value, bool):
             raise Violation("labels_bool", f"labels.{key}", f"label {key!r} must be a boolean, got {type(value).__name__}")
-    _check_messages(messages, declared, bool(tools), contract)
+    _check_messages(messages, declared, bool(tools), contract, flags if flags is not None else [])
     return {
         "conversation_id": rec["conversation_id"], "model": rec["model"], "created_at": created,
         "surface": rec.get("surface"), "task_type": rec.get("task_type"), "language": rec.get("language"),
@@ -152,7 +158,8 @@ def check_record(rec: dict[str, Any], contract: dict[str, Any], tools_inferred: 
     }
 
 
-def _check_messages(messages: list[Any], declared: set[str], has_tools: bool, contract: dict[str, Any]) -> None:
+def _check_messages(messages: list[Any], declared: set[str], has_tools: bool, contract: dict[str, Any],
+                    flags: list[Violation]) -> None:
     roles = set(contract["roles"])
     limit = contract["limits"]["max_content_chars"]
     pending: dict[str, str] = {}
@@ -181,7 +188,7 @@ def _check_messages(messages: list[Any], declared: set[str], has_tools: bool, co
             if not isinstance(calls, list):
                 raise Violation("type", f"{where}.tool_calls", "tool_calls must be a list")
             if not text.strip() and not calls:
-                raise Violation("empty_assistant", where, f"{where}: assistant message with no content and no tool calls")
+                flags.append(Violation("empty_assistant", where, f"{where}: assistant message with no content and no tool calls"))
             for j, call in enumerate(calls):
                 cw = f"{where}.tool_calls[{j}]"
                 fn = call.get("function") if isinstance(call, dict) else None
@@ -201,7 +208,8 @@ def _check_messages(messages: list[Any], declared: set[str], has_tools: bool, co
                 if not isinstance(parsed, dict):
                     raise Violation("arguments_json", f"{cw}.function.arguments", f"{cw}: arguments must encode a JSON object")
                 if has_tools and fn["name"] not in declared:
-                    raise Violation("tool_declared", f"{cw}.function.name", f"{cw}: tool {fn['name']!r} is not declared in tools")
+                    flags.append(Violation("tool_declared", f"{cw}.function.name",
+                                           f"{cw}: tool {fn['name']!r} is not declared in tools"))
                 pending[cid] = fn["name"]
         elif role == "tool":
             cid = msg.get("tool_call_id")
@@ -273,6 +281,7 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
     seen: dict[str, tuple[str, int]] = {}
     checks: list[dict[str, Any]] = []
     normalised: Counter[str] = Counter()
+    flagged: list[dict[str, Any]] = []
 
     def reject(row: dict[str, Any], cid: Any, rule: str, fld: str, reason: str) -> None:
         quarantine.append({"source_file": row["source_file"], "source_line": row["source_line"],
@@ -292,7 +301,8 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
             if _SURROGATE_ESCAPE.search(row["record"]):
                 _check_encoding(rec)
             rec, inferred = normalise_record(rec, normalised)
-            typed = check_record(rec, contract, inferred)
+            flags: list[Violation] = []
+            typed = check_record(rec, contract, inferred, flags)
         except Violation as v:
             reject(row, rec.get("conversation_id") if isinstance(rec, dict) else None, v.rule, v.field, v.reason)
             continue
@@ -309,6 +319,8 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
             reject(row, cid, "unique_id", "conversation_id", f"conversation_id {cid!r} already at {f}:{line}")
             continue
         seen[cid] = (row["source_file"], row["source_line"])
+        flagged.extend({"source_file": row["source_file"], "source_line": row["source_line"], "conversation_id": cid,
+                        "rule": f.rule, "field": f.field, "reason": _printable(f.reason)} for f in flags)
         typed["source_file"], typed["source_line"] = row["source_file"], row["source_line"]
         good.append(typed)
     valid = pl.DataFrame(good, schema=CONVERSATION_SCHEMA)
@@ -343,8 +355,13 @@ def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share:
     checks.extend({"check": f"row_rule:{rule}", "engine": "depsim",
                    "verdict": hit if by_rule.get(rule) else "passed",
                    "unexpected": by_rule.get(rule, 0)} for rule in contract["row_rules"])
+    kept = set(valid["conversation_id"].to_list()) if flagged else set()
+    flagged = [f for f in flagged if f["conversation_id"] in kept]
+    flag_counts = Counter(f["rule"] for f in flagged)
+    checks.extend({"check": f"flag_rule:{rule}", "engine": "depsim", "verdict": "passed", "unexpected": 0,
+                   "flagged": flag_counts.get(rule, 0)} for rule in contract.get("flag_rules") or {})
     return CheckResult(valid, q, verdict, raw.height, by_rule, checks, gx_json, dict(normalised), gx_html,
-                       warn_share, fail_share)
+                       warn_share, fail_share, flagged)
 
 
 def share_verdict(bad: int, total: int, warn_share: float, fail_share: float) -> str:

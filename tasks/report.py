@@ -228,6 +228,8 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
         h.append(_table(files, files.columns))
     if check.get("by_rule"):
         h.append("<p>Quarantined rows by rule: " + ", ".join(f"<code>{html.escape(r)}</code> {n}" for r, n in check["by_rule"].items()) + "</p>")
+    if check.get("flagged"):
+        h.append("<p>Kept and flagged as real model behaviour: " + ", ".join(f"<code>{html.escape(r)}</code> {n}" for r, n in check["flagged"].items()) + "</p>")
     if check.get("normalised"):
         h.append("<p>Normalised before checking: " + ", ".join(f"<code>{html.escape(k)}</code> {n}" for k, n in check["normalised"].items()) + "</p>")
     if q.height:
@@ -267,7 +269,8 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
         md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} | {r['decides']} |")
     md += ["", *cal_md, *review_md]
     md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined"
-           + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else "."),
+           + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else ".")
+           + (" Kept and flagged: " + ", ".join(f"{r} {n}" for r, n in check["flagged"].items()) + "." if check.get("flagged") else ""),
            f"Sample: {ctx['sampled_turns']} of {ctx['population_turns']} turns.", ""]
     return "".join(h), "\n".join(md)
 

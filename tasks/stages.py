@@ -583,6 +583,7 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                     "contract.rows_quarantined": check["rows_quarantined"],
                     **{f"contract.quarantined.{k}": v for k, v in check["by_rule"].items()},
                     **{f"contract.normalised.{k}": v for k, v in check["normalised"].items()},
+                    **{f"contract.flagged.{k}": v for k, v in (check.get("flagged") or {}).items()},
                     "sample.turns": ctx["sampled_turns"], "population.turns": ctx["population_turns"],
                     "sample.psi": ctx["representativeness"]["psi"],
                     "sample.chi_square": ctx["representativeness"]["chi_square"],

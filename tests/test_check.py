@@ -95,11 +95,6 @@ BAD: dict[str, tuple[str, str, str | None]] = {
     "arguments_json": (json.dumps(with_messages("bad-args", USER, asst_call(tc("call_1", args="{command: ls")),
                                                 tool("call_1"), ANSWER)),
                        "messages[1].tool_calls[0].function.arguments", "bad-args"),
-    "tool_declared": (json.dumps(with_messages("bad-undeclared", USER, asst_call(tc("call_1", name="rm_everything")),
-                                               tool("call_1"), ANSWER)),
-                      "messages[1].tool_calls[0].function.name", "bad-undeclared"),
-    "empty_assistant": (json.dumps(with_messages("bad-empty", USER, {"role": "assistant", "content": "  "})),
-                        "messages[1]", "bad-empty"),
     "content_size": (json.dumps(with_messages("bad-size", {"role": "user", "content": "x" * 200_001}, ANSWER)),
                      "messages[0].content", "bad-size"),
     "control_chars": (json.dumps(with_messages("bad-control", {"role": "user", "content": "a\x00b"}, ANSWER)),
@@ -161,7 +156,8 @@ def test_mixed_file_accounting(checked: tuple[CheckResult, str, dict[str, int]],
     assert dict(result.quarantine.schema) == QUARANTINE_SCHEMA
     assert dict(result.valid.schema) == CONVERSATION_SCHEMA
     rule_checks = {c["check"]: c["verdict"] for c in result.checks if c["engine"] == "depsim"}
-    assert rule_checks == {f"row_rule:{r}": "failed" for r in contract["row_rules"]}
+    assert rule_checks == {**{f"row_rule:{r}": "failed" for r in contract["row_rules"]},
+                           **{f"flag_rule:{r}": "passed" for r in contract["flag_rules"]}}
     assert any(c["engine"] == "great_expectations" for c in result.checks)
     assert result.gx_result is not None
     assert result.verdict == "failed"  # 17 bad rows of 20
@@ -242,6 +238,32 @@ def more_checked(contract: dict[str, Any]) -> CheckResult:
 def test_more_row_rule_cases(case: int, more_checked: CheckResult) -> None:
     rows = more_checked.quarantine.filter(pl.col("source_line") == case + 1)
     assert rows["rule"].to_list() == [MORE_CASES[case][1]]
+
+
+FLAGGED: dict[str, tuple[dict[str, Any], str]] = {
+    "tool_declared": (with_messages("made-up-tool", USER, asst_call(tc("call_1", name="rm_everything")), tool("call_1"),
+                                    ANSWER), "messages[1].tool_calls[0].function.name"),
+    "empty_assistant": (with_messages("empty-reply", USER, {"role": "assistant", "content": "  "}), "messages[1]"),
+}
+
+
+def test_every_flag_rule_is_covered(contract: dict[str, Any]) -> None:
+    assert set(FLAGGED) == set(contract["flag_rules"])
+    assert not set(FLAGGED) & set(contract["row_rules"])
+
+
+def test_real_model_behaviour_is_flagged_not_quarantined(contract: dict[str, Any]) -> None:
+    """A made-up tool call and an empty reply are what a model did: kept, counted, located."""
+    recs = [rec for rec, _ in FLAGGED.values()] + [conv("plain")]
+    res = run_check(recs, contract)
+    assert (res.rows_passed, res.rows_quarantined, res.verdict) == (3, 0, "passed")
+    got = {(f["rule"], f["source_line"], f["field"], f["conversation_id"]) for f in res.flagged}
+    assert got == {(rule, k + 1, fld, rec["conversation_id"]) for k, (rule, (rec, fld)) in enumerate(FLAGGED.items())}
+    assert all(f["reason"] and f["source_file"].endswith(".jsonl") for f in res.flagged)
+    assert res.summary()["flagged"] == {"empty_assistant": 1, "tool_declared": 1}
+    checks = {c["check"]: c for c in res.checks if c["check"].startswith("flag_rule:")}
+    assert {k: (c["verdict"], c["flagged"]) for k, c in checks.items()} == {
+        "flag_rule:tool_declared": ("passed", 1), "flag_rule:empty_assistant": ("passed", 1)}
 
 
 def test_undeclared_tool_is_fine_when_no_tools_are_declared(contract: dict[str, Any]) -> None:
