@@ -5,6 +5,7 @@ always true such as `WHERE 1=1`), also inside a CTE. Parameterised statements
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +15,10 @@ import sqlglot
 import sqlglot.expressions as exp
 
 from tasks.effects.shell import Command
+
+# sqlglot warns on every statement it parses as a generic Command (ALTER USER …): the
+# classification handles those, so the warning is noise in every run's stderr.
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
 SQL_HINT = re.compile(r"^\s*(WITH|SELECT|INSERT|UPDATE|DELETE|DROP|TRUNCATE|ALTER|CREATE|REPLACE|MERGE|GRANT|REVOKE)\b",
                       re.I | re.M)
