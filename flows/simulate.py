@@ -32,6 +32,7 @@ from tasks.prefect_tasks import (
     sample_task,
 )
 from tasks.progress import report
+from tasks.report_sections import latency_line, trend_of, worst_trajectories
 from tasks.stages import (
     ChunkOutcome,
     ReplayChunk,
@@ -129,6 +130,8 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "finish_counts": finish, "error_counts": errors, "source_counts": sources, **calls,
         "prompt_tokens": int(candidate["prompt_tokens"].sum()), "completion_tokens": int(candidate["completion_tokens"].sum()),
         "corrected": corrected, "calibration": calibration, "elapsed_s": 0.0,
+        "worst": worst_trajectories(scores, candidate, sample), "latency": latency_line(candidate),
+        "trend": trend_of(s.run.tracking_uri or default_tracking_uri(), s.run.experiment),
     }
     report_path, report_md = report_task(ctx, store)
     create_markdown_artifact(report_md, key="depsim-report", description="depsim gate and rates")

@@ -1,4 +1,6 @@
-"""The report: a self-contained HTML page (inline CSS and SVG, no network) and a Markdown twin."""
+"""The report: a self-contained HTML page (inline CSS and SVG, no network) and a Markdown twin.
+The forest plot is tasks/report_chart.py; the worst trajectories, latency and trend are
+tasks/report_sections.py."""
 
 from __future__ import annotations
 
@@ -6,6 +8,9 @@ import html
 from typing import Any
 
 import polars as pl
+
+from tasks.report_chart import forest_plot
+from tasks.report_sections import trend_section, worst_section
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;padding:0 1rem}
@@ -17,55 +22,14 @@ th:first-child,td:first-child{text-align:left}th{background:#f6f8fa}
 .banner.PASS{background:#dafbe1}.banner.FAIL{background:#ffebe9}.banner.INCONCLUSIVE{background:#fff8c5}
 .scroll{overflow-x:auto}.synthetic{background:#eef;border:1px dashed #88a;padding:.5rem 1rem;border-radius:6px}
 .muted{color:#57606a;font-size:.85rem}code{background:#f6f8fa;padding:0 .2rem}
+table.traj td{text-align:left;vertical-align:top}table.traj pre{white-space:pre-wrap;margin:0;font-size:.8rem}
+tr.ev{background:#fff8c5}.call{font-family:monospace;font-size:.8rem;color:#0550ae}details{margin:.5rem 0}
+svg{max-width:100%;height:auto}
 """
 
 
 def _pct(x: float | None) -> str:
     return "–" if x is None or x != x else f"{100 * x:.2f}%"
-
-
-def _ticks(top: float) -> tuple[float, list[float]]:
-    """A round axis end at or above `top` and 4–8 evenly spaced ticks from 0 to it."""
-    step = next(st for st in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25) if top / st <= 7)
-    n = max(1, -(-round(top / step, 9) // 1))
-    return step * int(n), [step * i for i in range(int(n) + 1)]
-
-
-def _tick_label(v: float) -> str:
-    return f"{100 * v:.1f}".rstrip("0").rstrip(".") + "%"
-
-
-def _chart(gated: pl.DataFrame, base: dict[str, dict[str, Any]]) -> str:
-    """Horizontal bars: candidate vs baseline rate with 95% interval whiskers, per category, on a
-    labelled percentage axis."""
-    rows = gated.to_dicts()
-    uppers = [r["upper"] for r in rows] + [b["upper"] for b in base.values()]
-    top, ticks = _ticks(max([u for u in uppers if u is not None and u == u] + [0.01]))
-    width, label_w, row_h = 760, 200, 34
-    scale = (width - label_w - 20) / top
-    axis_y = 20 + row_h * len(rows)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{axis_y + 36}" role="img" aria-label="rates by category">']
-    for i, r in enumerate(rows):
-        y = 20 + i * row_h
-        parts.append(f'<text x="0" y="{y + 14}" font-size="12">{html.escape(r["category"])}</text>')
-        for j, (rec, colour) in enumerate(((r, "#2f6feb"), (base.get(r["category"]), "#9aa4b2"))):
-            if not rec:
-                continue
-            yy = y + j * 12
-            parts.append(f'<rect x="{label_w}" y="{yy}" width="{rec["rate"] * scale:.1f}" height="10" fill="{colour}"/>')
-            x1, x2 = label_w + rec["lower"] * scale, label_w + rec["upper"] * scale
-            parts.append(f'<line x1="{x1:.1f}" x2="{x2:.1f}" y1="{yy + 5}" y2="{yy + 5}" stroke="#1b1f24" stroke-width="1"/>')
-        mr = label_w + min(r["max_rate"], top) * scale
-        parts.append(f'<line x1="{mr:.1f}" x2="{mr:.1f}" y1="{y - 2}" y2="{y + 24}" stroke="#b91c1c" stroke-dasharray="3,2"/>')
-    parts.append(f'<line class="axis" x1="{label_w}" x2="{label_w + top * scale:.1f}" y1="{axis_y}" y2="{axis_y}" stroke="#57606a"/>')
-    for v in ticks:
-        x = label_w + v * scale
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{axis_y}" y2="{axis_y + 5}" stroke="#57606a"/>'
-                     f'<text class="tick" x="{x:.1f}" y="{axis_y + 17}" font-size="11" text-anchor="middle">{_tick_label(v)}</text>')
-    parts.append(f'<text x="{label_w + top * scale / 2:.1f}" y="{axis_y + 32}" font-size="11" text-anchor="middle" fill="#57606a">rate per sampled turn</text>')
-    parts.append(f'<text x="{label_w}" y="12" font-size="11" fill="#57606a">blue: candidate · grey: baseline · whiskers: 95% interval · red dashes: max_rate</text>')
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def decided_by(gated: pl.DataFrame, verdict: str) -> list[str]:
@@ -207,6 +171,8 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
     sources: dict[str, int] = ctx["source_counts"]
     cal_html, cal_md = _calibration_section(ctx)
     review_html, review_md = _review_section(ctx)
+    worst_html, worst_md = worst_section(ctx.get("worst") or [])
+    trend_html, trend_md = trend_section(ctx.get("trend") or [], _pct)
     synth_note = ("<p class='synthetic'><b>Roles.</b> " + "<br>".join(f"{r}: {html.escape(text)}" for r, text in roles)
                   + "</p>") if label else ("<p class='muted'>" + " · ".join(f"{r}: {html.escape(text)}" for r, text in roles) + "</p>")
     why = (f"decided by {', '.join(deciders)}" if verdict != "PASS" else "every category passed its gate")
@@ -215,11 +181,13 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
          f"<p class='muted'>run {html.escape(ctx['run_key'])} · candidate <code>{html.escape(ctx['candidate'])}</code> vs production baseline <code>{html.escape(ctx['baseline'])}</code> · data {html.escape(ctx['data'])} (sha {ctx['dataset_hash']}) · seed {ctx['seed']}</p>",
          synth_note,
          f"<div class='banner {verdict}'>Gate verdict: {verdict} <span class='muted'>({html.escape(why)})</span></div>",
-         "<h2>Rates by category</h2>", _chart(gated, base),
+         "<h2>Rates by category</h2>", forest_plot(gated, base),
          "<p class='muted'>Rates per sampled assistant turn, weighted by inverse inclusion probability; 95% Wilson intervals on the design-effective sample size. Delta = candidate − baseline on the same turns (paired). Gate: this category's verdict; decides: the categories whose gate is the overall verdict (the worst gate decides).</p>",
          _table(gated, cols, pct),
+         *worst_html,
          *cal_html,
          *review_html,
+         *trend_html,
          "<h2>Data contract</h2>",
          f"<p>verdict <b>{check['verdict']}</b> · rows in {check['rows_in']} · passed {check['rows_passed']} · quarantined {check['rows_quarantined']}</p>"]
     files = pl.DataFrame([{"file": f, **c} for f, c in check.get("by_file", {}).items()],
@@ -256,7 +224,8 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           "<p>Finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(finish.items())) + "</p>",
           "<p>Simulated tool results by source: " + (", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none") + ". Nothing was executed.</p>",
           f"<p>Model calls {ctx['model_calls']} · cache hits {ctx.get('cache_hits', 0)} · retries {ctx.get('retries', 0)} · "
-          f"prompt tokens {ctx['prompt_tokens']} · completion tokens {ctx['completion_tokens']}</p>",
+          f"prompt tokens {ctx['prompt_tokens']} · completion tokens {ctx['completion_tokens']} · "
+          f"{html.escape(ctx.get('latency') or 'latency: –')} · cost: {html.escape(ctx.get('cost') or 'no price configured')}</p>",
           ("<p>Replay errors by reason: " + ", ".join(f"<code>{html.escape(k)}</code> {v}" for k, v in sorted(ctx['error_counts'].items())) + "</p>")
           if ctx.get("error_counts") else "",
           "</body></html>"]
@@ -267,7 +236,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           "| category | rate | 95% interval | baseline | delta | gate | decides |", "|---|---:|---:|---:|---:|---|---|"]
     for r in gated.iter_rows(named=True):
         md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} | {r['decides']} |")
-    md += ["", *cal_md, *review_md]
+    md += ["", *worst_md, *cal_md, *review_md, *trend_md]
     md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined"
            + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else ".")
            + (" Kept and flagged: " + ", ".join(f"{r} {n}" for r, n in check["flagged"].items()) + "." if check.get("flagged") else ""),
