@@ -121,7 +121,8 @@ def run(
     candidate: Annotated[str | None, typer.Option(help="Candidate model name (role `candidate`).")] = None,
     candidate_url: Annotated[str | None, typer.Option(help="Candidate base_url (OpenAI-compatible); synthetic:// for the in-process SYNTHETIC world.")] = None,
     baseline: Annotated[str | None, typer.Option(help="Production (baseline) model name; also filters the logs to it when set.")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Number of turns to sample.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of turns to sample (with --looks: the budget).")] = None,
+    looks: Annotated[int | None, typer.Option("--looks", help="Adaptive stopping (sample.looks): replay in this many looks and stop at the first where every gate is decided; each look's intervals are 1 − 0.05/K (Bonferroni), so the reported ones hold at 95% whichever look stops.")] = None,
     seed: SeedOpt = None,
     store: Annotated[str | None, typer.Option(help="Run store: a folder or s3:// prefix.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default sqlite:///./mlflow.db).")] = None,
@@ -150,6 +151,8 @@ def run(
         over["run"]["production_models"] = [baseline]
     if n is not None:
         over["sample"] = {"n": n}
+    if looks is not None:
+        over.setdefault("sample", {})["looks"] = looks
     if calibration is not None:
         over["judge"] = {"calibration": str(Path(calibration).resolve())}
     s = _settings(config, over, as_json)
@@ -232,6 +235,11 @@ def _print_result(r: dict[str, Any]) -> None:
     c = r["contract"]
     typer.echo(f"\ncontract: {c['verdict']} ({c['rows_passed']}/{c['rows_in']} rows passed, {c['rows_quarantined']} quarantined)")
     typer.echo(f"sampled turns: {r['sampled_turns']} of {r['population_turns']} · model calls: {r['model_calls']} · {r['elapsed_s']}s")
+    seq = r.get("sequential") or {}
+    if seq.get("looks_planned", 1) > 1:
+        typer.echo(f"adaptive stopping: look {seq['looks_used']} of {seq['looks_planned']} decided it · "
+                   f"{seq['turns_used']} of a {seq['budget']}-turn budget replayed, {seq['turns_saved']} saved · "
+                   f"intervals at z {seq['z']:.2f} (Bonferroni over the looks)")
     if r.get("corrected"):
         typer.echo(f"\n{'corrected (calibration)':28} {'rate':>8} {'95% interval':>19}")
         for cat, c in r["corrected"].items():

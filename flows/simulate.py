@@ -33,6 +33,7 @@ from tasks.prefect_tasks import (
 )
 from tasks.progress import report
 from tasks.report_sections import latency_line, trend_of, worst_trajectories
+from tasks.sequential import at_look, look_order, look_sizes, look_z, undecided
 from tasks.stages import (
     ChunkOutcome,
     ReplayChunk,
@@ -112,11 +113,31 @@ def deployment_simulation(config: dict[str, Any] | None = None,
     checked = check_task(raw, s, store)
     create_markdown_artifact(summary_markdown(checked), key="depsim-contract", description="contract check")
     sample, strata, population, represent = sample_task(checked.valid, s, store)
+    sizes = look_sizes(sample.height, s.sample.looks, s.replay.chunk_size)
+    if len(sizes) > 1:
+        sample = look_order(sample, s.run.seed)
     chunks = plan_chunks(sample, checked.valid, s.replay.chunk_size)
-    candidate, calls = combine_task(_replay(chunks, s, store, runner), store)
-    endpoint_check_task(candidate, s, store, data_hash)  # too many endpoint errors: no verdict
-    scores = judge_task(candidate, sample, checked.valid, s, store)
-    estimates, gated, verdict = estimate_task(scores, sample, s, store)
+    outcomes: list[ChunkOutcome] = []
+    looks: list[dict[str, Any]] = []
+    for k, size in enumerate(sizes, start=1):
+        # One look: replay the chunks it adds, judge and estimate on everything so far.
+        start = sizes[k - 2] if k > 1 else 0
+        outcomes += _replay([c for c in chunks if start <= c.start < size], s, store, runner)
+        candidate, calls = combine_task(outcomes, store)
+        endpoint_check_task(candidate, s, store, data_hash)  # too many endpoint errors: no verdict
+        used = at_look(sample, size) if len(sizes) > 1 else sample
+        scores = judge_task(candidate, used, checked.valid, s, store)
+        estimates, gated, verdict = estimate_task(scores, used, s, store)
+        looks.append({"look": k, "turns": size, "verdict": verdict, "undecided": undecided(gated)})
+        if verdict != "INCONCLUSIVE":
+            break  # decided: every gate PASSes, or one FAILs (at a look the error budget covers)
+    sequential = {"looks_planned": len(sizes), "looks_used": len(looks), "budget": sample.height,
+                  "turns_used": looks[-1]["turns"], "turns_saved": sample.height - looks[-1]["turns"],
+                  "z": look_z(s.sample.looks), "per_look": looks}
+    if len(sizes) > 1:
+        sample = used
+        store.write("sample", sample)
+        store.write_json("looks.json", sequential)
     corrected, calibration = correct_task(estimates, s, store)
     finish, errors, sources = replay_counts(candidate)
     world = world_labels(s, sample)
@@ -132,6 +153,7 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "corrected": corrected, "calibration": calibration, "elapsed_s": 0.0,
         "worst": worst_trajectories(scores, candidate, sample), "latency": latency_line(candidate),
         "trend": trend_of(s.run.tracking_uri or default_tracking_uri(), s.run.experiment),
+        "sequential": sequential,
     }
     report_path, report_md = report_task(ctx, store)
     create_markdown_artifact(report_md, key="depsim-report", description="depsim gate and rates")
@@ -159,5 +181,5 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "sample": {k: represent[k] for k in ("psi", "chi_square", "chi_square_p", "empty_strata")},
         "synthetic": ctx["synthetic"], "world": {k: world[k] for k in ("candidate_synthetic", "data_synthetic", "label")},
         "candidate": ctx["candidate"], "candidate_endpoint": world["endpoint"], "baseline": world["baseline"],
-        "error_counts": errors, "elapsed_s": round(time.perf_counter() - t0, 2),
+        "error_counts": errors, "sequential": sequential, "elapsed_s": round(time.perf_counter() - t0, 2),
     }

@@ -110,6 +110,9 @@ class ContractCfg(BaseModel):
 class SampleCfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int = Field(1000, ge=1)
+    # Adaptive stopping (tasks/sequential.py): replay in this many looks and stop when every
+    # gate is decided; n is then the budget. 1: one look at the whole sample.
+    looks: int = Field(1, ge=1, le=20)
     strata: list[str] = ["surface", "task_type", "uses_tools"]
     allocation: Literal["proportional", "equal", "neyman"] = "proportional"
     # Neyman priors: "labels" (per-stratum share of conversations labelled unsafe_any) or a

@@ -60,8 +60,9 @@ def _lin_var(values: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
     return float(stats["ss"].sum())
 
 
-def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np.ndarray) -> tuple[float, float, float, float]:
-    """(rate, lower, upper, n_eff) for 0/1 outcomes y with weights w."""
+def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np.ndarray,
+                  z: float = Z) -> tuple[float, float, float, float]:
+    """(rate, lower, upper, n_eff) for 0/1 outcomes y with weights w (z: the interval's normal quantile)."""
     n = len(y)
     if n == 0:
         return float("nan"), 0.0, 1.0, 0.0
@@ -71,7 +72,7 @@ def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
     var = _lin_var(y.astype(float), w, strata, clusters)
     # No cap at n: a stratified design can beat simple random sampling (design effect < 1).
     n_eff = p * (1 - p) / var if var > 0 and 0 < p < 1 else kish
-    lo, hi = wilson(p, n_eff)
+    lo, hi = wilson(p, n_eff, z)
     return p, lo, hi, n_eff
 
 
@@ -88,7 +89,7 @@ def min_detectable_rate(w: np.ndarray, power: float = 0.95) -> float:
     return float(1.0 - (1.0 - power) ** (1.0 / kish))
 
 
-def estimate(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
+def estimate(scores: pl.DataFrame, sample: pl.DataFrame, z: float = Z) -> pl.DataFrame:
     """Per side × category estimates (rate, bounds, counts, smallest detectable rate).
 
     The columns are ESTIMATE_SCHEMA's (tasks/records.py) plus `min_detectable_rate`
@@ -103,14 +104,14 @@ def estimate(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
         n_unscored = n_all - scored.height
         y = scored["verdict"].cast(pl.Int8).to_numpy()
         w = scored["weight"].to_numpy()
-        p, lo, hi, n_eff = rate_interval(y, w, scored["stratum"].to_numpy(), scored["conversation_id"].to_numpy())
+        p, lo, hi, n_eff = rate_interval(y, w, scored["stratum"].to_numpy(), scored["conversation_id"].to_numpy(), z)
         if n_unscored:
             # Missing verdicts widen the bounds (as negatives for the lower, positives for the upper).
             w_all = grp["weight"].to_numpy()
             y_lo = grp["verdict"].fill_null(False).cast(pl.Int8).to_numpy()
             y_hi = grp["verdict"].fill_null(True).cast(pl.Int8).to_numpy()
-            lo = rate_interval(y_lo, w_all, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy())[1]
-            hi = rate_interval(y_hi, w_all, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy())[2]
+            lo = rate_interval(y_lo, w_all, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy(), z)[1]
+            hi = rate_interval(y_hi, w_all, grp["stratum"].to_numpy(), grp["conversation_id"].to_numpy(), z)[2]
         rows.append({"category": cat, "side": side, "model": grp["model"][0], "n": n_all,
                      "n_unscored": n_unscored, "positives": int(y.sum()), "rate": p, "lower": lo,
                      "upper": hi, "n_eff": n_eff, "method": "wilson-design-neff", "unit": "assistant_turn",
@@ -155,7 +156,7 @@ def tango(b: np.ndarray, c: np.ndarray, n: np.ndarray, z: float = Z) -> tuple[np
 
 
 def delta_interval(yc: np.ndarray, yb: np.ndarray, w: np.ndarray, strata: np.ndarray,
-                   clusters: np.ndarray) -> tuple[float, float, float, float]:
+                   clusters: np.ndarray, z: float = Z) -> tuple[float, float, float, float]:
     """(delta, lower, upper, n_eff) for paired 0/1 outcomes: candidate yc − baseline yb.
 
     Tango's score interval on the design-effective number of pairs, as the rates use Wilson's:
@@ -176,7 +177,7 @@ def delta_interval(yc: np.ndarray, yb: np.ndarray, w: np.ndarray, strata: np.nda
     var = _lin_var(yc - yb, w, strata, clusters)
     spread = p10 + p01 - est * est
     n_eff = spread / var if var > 0 and spread > 0 else kish
-    lo, hi = tango(np.array([p10 * n_eff]), np.array([p01 * n_eff]), np.array([n_eff]))
+    lo, hi = tango(np.array([p10 * n_eff]), np.array([p01 * n_eff]), np.array([n_eff]), z)
     return est, max(-1.0, float(lo[0])), min(1.0, float(hi[0])), n_eff
 
 
@@ -184,7 +185,7 @@ DELTA_SCHEMA: dict[str, Any] = {"category": pl.String, "n_paired": pl.Int64, "de
                                 "delta_lower": pl.Float64, "delta_upper": pl.Float64}
 
 
-def paired_delta(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
+def paired_delta(scores: pl.DataFrame, sample: pl.DataFrame, z: float = Z) -> pl.DataFrame:
     """Candidate − baseline per category over the turns judged on both sides (paired design).
 
     The estimate and `n_paired` are over the pairs scored on both sides; the interval is Tango's
@@ -205,7 +206,7 @@ def paired_delta(scores: pl.DataFrame, sample: pl.DataFrame) -> pl.DataFrame:
             yc = g["yc"] if fill_c is None else g["yc"].fill_null(fill_c)
             yb = g["yb"] if fill_b is None else g["yb"].fill_null(fill_b)
             return delta_interval(yc.cast(pl.Int8).to_numpy(), yb.cast(pl.Int8).to_numpy(), g["weight"].to_numpy(),
-                                  g["stratum"].to_numpy(), g["conversation_id"].to_numpy())
+                                  g["stratum"].to_numpy(), g["conversation_id"].to_numpy(), z)
 
         complete = grp.drop_nulls(["yc", "yb"])
         est, lo, hi, _ = interval(complete)

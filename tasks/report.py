@@ -213,6 +213,15 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
     rep_rows = pl.DataFrame(rep.get("strata") or [])
     empty = rep.get("empty_strata") or []
     share = dict.fromkeys(("population_share", "sample_share", "weighted_share"), _pct)
+    seq = ctx.get("sequential") or {}
+    if seq.get("looks_planned", 1) > 1:
+        looks_rows = "".join(f"<tr><td>{lk['look']}</td><td>{lk['turns']}</td><td class='{lk['verdict']}'>{lk['verdict']}</td>"
+                             f"<td>{html.escape(', '.join(lk['undecided']) or '–')}</td></tr>" for lk in seq["per_look"])
+        h += ["<h2>Adaptive stopping</h2>",
+              f"<p>{seq['looks_planned']} planned looks, Bonferroni alpha spending: every interval is a 1 − 0.05/{seq['looks_planned']} "
+              f"interval (z {seq['z']:.2f}), so the reported ones hold at 95% whichever look stopped the run. Stopped at look "
+              f"{seq['looks_used']}: {seq['turns_used']} of a {seq['budget']}-turn budget replayed, <b>{seq['turns_saved']} turns saved</b>.</p>",
+              f"<table><tr><th>look</th><th>turns</th><th>verdict</th><th>undecided categories</th></tr>{looks_rows}</table>"]
     h += ["<h2>Sample</h2>",
           f"<p>{ctx['sampled_turns']} of {ctx['population_turns']} turns sampled in {strata.height} strata; weights sum to {ctx['weight_sum']:.1f}.</p>",
           f"<p>Stratum mix, sample vs population: PSI {rep.get('psi', float('nan')):.4f} · chi-square {rep.get('chi_square', float('nan')):.2f} "
@@ -236,6 +245,9 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           "| category | rate | 95% interval | baseline | delta | gate | decides |", "|---|---:|---:|---:|---:|---|---|"]
     for r in gated.iter_rows(named=True):
         md.append(f"| {r['category']} | {_pct(r['rate'])} | {_pct(r['lower'])}–{_pct(r['upper'])} | {_pct(r['baseline_rate'])} | {_pct(r['delta'])} | {r['gate']} | {r['decides']} |")
+    if seq.get("looks_planned", 1) > 1:
+        md += ["", f"Adaptive stopping: look {seq['looks_used']} of {seq['looks_planned']}, {seq['turns_used']} of {seq['budget']} "
+               f"turns replayed, {seq['turns_saved']} saved (Bonferroni, z {seq['z']:.2f})."]
     md += ["", *worst_md, *cal_md, *review_md, *trend_md]
     md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined"
            + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else ".")

@@ -29,6 +29,7 @@ from tasks.load import dataset_hash, load_raw
 from tasks.progress import report
 from tasks.replay import baseline_trajectories, replay_sample
 from tasks.sample import SampleError, build_turns, filter_turns, representativeness, sample_turns
+from tasks.sequential import look_z
 from tasks.store import RunStore
 from tasks.taxonomy import AGGREGATE, ALL_CATEGORIES, load_taxonomy
 
@@ -359,8 +360,9 @@ def judge_eval(valid: pl.DataFrame, s: Settings, names: list[str], sources: list
 
 
 def stage_estimate(scores: pl.DataFrame, sample: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, pl.DataFrame, str]:
-    est = estimate(scores, sample)
-    deltas = paired_delta(scores, sample)
+    z = look_z(s.sample.looks)  # 1 − α/K per look (Bonferroni over the planned looks)
+    est = estimate(scores, sample, z)
+    deltas = paired_delta(scores, sample, z)
     gates = read_conf_yaml(s.gate.file)
     if "categories" not in gates and "default" not in gates:
         raise ConfigError(f"{s.gate.file}: expected 'default' and/or 'categories'")

@@ -88,3 +88,32 @@ def test_v3_fails_on_its_regressed_categories(tmp_path: Path) -> None:
         assert out["metrics"][cat]["delta_lower"] > 0, out["metrics"][cat]
     run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["roles.candidate"] == "synthetic-agent-v3"
+
+
+def _run_looks(tmp_path: Path, candidate: str, n: int, looks: int, seed: int) -> tuple[int, dict[str, Any]]:
+    proc = run_cli(["run", "--candidate", candidate, "--baseline", "synthetic-agent-v1", "--n", str(n),
+                    "--looks", str(looks), "--seed", str(seed), "--store", str(tmp_path / "store"),
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--json"], cwd=tmp_path, timeout=900)
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_adaptive_stopping_fails_v3_early_and_says_what_it_saved(tmp_path: Path) -> None:
+    """v3's regressions are large: the first of 4 looks (500 of a 2,000-turn budget) decides FAIL."""
+    code, out = _run_looks(tmp_path, "synthetic-agent-v3", 2000, 4, seed=1)
+    seq = out["sequential"]
+    assert (code, out["verdict"]) == (1, "FAIL"), _gates(out)
+    assert (seq["looks_planned"], seq["looks_used"], seq["turns_used"], seq["turns_saved"]) == (4, 1, 500, 1500)
+    assert out["sampled_turns"] == 500 and seq["z"] == pytest.approx(2.498, abs=1e-3)
+    failed = {cat for cat, g in _gates(out).items() if g == "FAIL"}
+    assert failed and failed <= V3_REGRESSED, failed
+
+
+def test_adaptive_stopping_stays_inconclusive_when_the_budget_runs_out(tmp_path: Path) -> None:
+    """v1 against itself on a 500-turn budget cannot decide its narrow gates: every look is
+    spent and the answer stays INCONCLUSIVE (exit 3)."""
+    code, out = _run_looks(tmp_path, "synthetic-agent-v1", 500, 2, seed=1)
+    seq = out["sequential"]
+    assert (code, out["verdict"]) == (3, "INCONCLUSIVE"), _gates(out)
+    assert (seq["looks_planned"], seq["looks_used"], seq["turns_used"], seq["turns_saved"]) == (2, 2, 500, 0)
+    assert [lk["turns"] for lk in seq["per_look"]] == [250, 500]
