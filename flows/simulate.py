@@ -32,7 +32,7 @@ from tasks.prefect_tasks import (
     sample_task,
 )
 from tasks.progress import report
-from tasks.report_sections import latency_line, trend_of, worst_trajectories
+from tasks.report_sections import cost_line, fidelity_of, latency_line, trend_of, worst_trajectories
 from tasks.sequential import at_look, look_order, look_sizes, look_z, undecided
 from tasks.stages import (
     ChunkOutcome,
@@ -154,6 +154,9 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "worst": worst_trajectories(scores, candidate, sample), "latency": latency_line(candidate),
         "trend": trend_of(s.run.tracking_uri or default_tracking_uri(), s.run.experiment),
         "sequential": sequential,
+        "cost": cost_line(int(candidate["prompt_tokens"].sum()), int(candidate["completion_tokens"].sum()),
+                          s.models.candidate.price_prompt_per_1k, s.models.candidate.price_completion_per_1k),
+        "fidelity": fidelity_of(s.run.tracking_uri or default_tracking_uri(), s.run.data or "bundled SYNTHETIC logs"),
     }
     report_path, report_md = report_task(ctx, store)
     create_markdown_artifact(report_md, key="depsim-report", description="depsim gate and rates")

@@ -35,6 +35,9 @@ class Endpoint(BaseModel):
     max_retries: int = Field(3, ge=0, le=20)
     temperature: float = Field(0.0, ge=0, le=2)
     seed: int | None = None
+    # Price per 1,000 prompt and completion tokens (any currency), for the report's cost line.
+    price_prompt_per_1k: float | None = Field(None, ge=0)
+    price_completion_per_1k: float | None = Field(None, ge=0)
     # Retry policy (depsim retries itself; the SDK's own retries are off so each one is counted).
     backoff_s: float = Field(0.5, gt=0)          # first back-off; doubles per retry, with jitter
     backoff_max_s: float = Field(8.0, gt=0)      # cap of one back-off

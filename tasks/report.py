@@ -32,6 +32,15 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or x != x else f"{100 * x:.2f}%"
 
 
+def _fidelity_line(f: dict[str, Any] | None) -> str:
+    if not f:
+        return ("<p class='muted'>Simulator fidelity on these logs not measured yet: <code>depsim fidelity --data …</code> "
+                "replays their recorded calls with each call's own result withheld and logs the shares to MLflow.</p>")
+    return (f"<p>Simulator fidelity on these logs (latest <code>depsim fidelity</code>, chain {html.escape(str(f['chain']))}, "
+            f"{int(f['calls'] or 0)} recorded calls): {_pct(f['exact'])} exact, {_pct(f['structural'])} structural, "
+            f"{_pct(f['different'])} different · MLflow run <code>{html.escape(f['run_id'][:12])}</code></p>")
+
+
 def decided_by(gated: pl.DataFrame, verdict: str) -> list[str]:
     """The categories that decided the verdict: those whose gate is the verdict (the worst one)."""
     return [r["category"] for r in gated.iter_rows(named=True) if r["gate"] == verdict]
@@ -232,6 +241,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
           "<h2>Replay</h2>",
           "<p>Finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(finish.items())) + "</p>",
           "<p>Simulated tool results by source: " + (", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none") + ". Nothing was executed.</p>",
+          _fidelity_line(ctx.get("fidelity")),
           f"<p>Model calls {ctx['model_calls']} · cache hits {ctx.get('cache_hits', 0)} · retries {ctx.get('retries', 0)} · "
           f"prompt tokens {ctx['prompt_tokens']} · completion tokens {ctx['completion_tokens']} · "
           f"{html.escape(ctx.get('latency') or 'latency: –')} · cost: {html.escape(ctx.get('cost') or 'no price configured')}</p>",

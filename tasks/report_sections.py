@@ -79,6 +79,35 @@ def latency_line(candidate: pl.DataFrame) -> str:
     return f"turn latency p50 {statistics.median(lat):.2f} s · p95 {p95:.2f} s · max {lat[-1]:.2f} s"
 
 
+def cost_line(prompt_tokens: int, completion_tokens: int, price_prompt: float | None, price_completion: float | None) -> str:
+    """The candidate's token cost, when the endpoint's prices are configured."""
+    if price_prompt is None and price_completion is None:
+        return "no price configured (models.candidate.price_prompt_per_1k, price_completion_per_1k)"
+    cost = prompt_tokens / 1000 * (price_prompt or 0.0) + completion_tokens / 1000 * (price_completion or 0.0)
+    return f"{cost:.4f} (at {price_prompt or 0} / {price_completion or 0} per 1k prompt / completion tokens)"
+
+
+def fidelity_of(tracking_uri: str, data: str) -> dict[str, Any] | None:
+    """The latest `depsim fidelity` run on the same logs (experiment depsim-fidelity), if any."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name("depsim-fidelity")
+        if exp is None:
+            return None
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=50)
+    except Exception:  # context for the report, never a reason to fail a run
+        return None
+    for r in runs:
+        if r.data.params.get("data") == data:
+            m = r.data.metrics
+            return {"run_id": r.info.run_id, "chain": r.data.params.get("simulator_chain", "?"), "calls": m.get("fidelity.calls"),
+                    **{k: m.get(f"fidelity.{k}_share") for k in ("exact", "structural", "different")}}
+    return None
+
+
 def trend_of(tracking_uri: str, experiment: str, limit: int = 10) -> list[dict[str, Any]]:
     """Earlier runs of the experiment, newest first (empty when MLflow can't be read)."""
     try:

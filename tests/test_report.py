@@ -132,3 +132,16 @@ def test_error_report_says_the_run_is_an_error() -> None:
     assert "Run error: candidate endpoint failed" in page and "19 of 20 replayed candidate turns (95.0%)" in page
     assert "my-&lt;ckpt&gt;" in page and "<ckpt>" not in page and "Gate verdict" not in page
     assert "| connection | 18 |" in md and "| http_503 | 1 |" in md
+
+
+def test_fidelity_and_cost_lines() -> None:
+    from tasks.report_sections import cost_line
+
+    fid = {"run_id": "f" * 32, "chain": "['recorded', 'rules', 'llm']", "calls": 18071.0,
+           "exact": 0.482, "structural": 0.127, "different": 0.39}
+    page, _ = render({**_ctx("c"), "fidelity": fid, "cost": cost_line(2000, 1000, 0.5, 1.5)})
+    assert "Simulator fidelity on these logs (latest <code>depsim fidelity</code>" in page
+    assert "48.20% exact, 12.70% structural, 39.00% different" in page and "18071 recorded calls" in page
+    assert "cost: 2.5000 (at 0.5 / 1.5 per 1k prompt / completion tokens)" in page
+    page, _ = render(_ctx("c"))
+    assert "fidelity on these logs not measured yet" in page and "cost: no price configured" in page
