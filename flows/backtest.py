@@ -114,6 +114,25 @@ def periods(model: str, shipped_at: datetime, data: str | None, s: Settings, fol
     return str(before_path), str(after_path), counts
 
 
+def precheck(model: str, shipped_at: datetime, data: str | None, s: Settings) -> None:
+    """Refuse, before any flow starts, logs that hold nothing to observe or to simulate on
+    (reads only `created_at` and `model`, through the lazy scan where it can)."""
+    if data is None:
+        return
+    from tasks.load import resolve_sources
+
+    resolve_sources(data)
+    valid = _checked(data, s)
+    after = valid.filter((pl.col("created_at") >= shipped_at) & (pl.col("model") == model)).height
+    before = valid.filter((pl.col("created_at") < shipped_at) & (pl.col("model") != model)).height
+    if after == 0:
+        raise BacktestError(f"{data}: no conversation of model {model!r} at or after {shipped_at.isoformat()}: "
+                            "nothing to observe")
+    if before == 0:
+        raise BacktestError(f"{data}: no conversation of another model before {shipped_at.isoformat()}: "
+                            "nothing to simulate on")
+
+
 def observed_rates(after: str, s: Settings) -> tuple[dict[str, float | None], int]:
     """Per category the share of M's scored turns the judges flag (unscored turns left out),
     and the number of turns judged."""
@@ -309,4 +328,4 @@ def backtest(model: str, shipped_at: str, data: str | None = None, n: int | None
             "tracking_uri": s.run.tracking_uri, "elapsed_s": round(time.perf_counter() - t0, 2)}
 
 
-__all__ = ["AGGREGATE", "BacktestError", "backtest", "json_safe", "multiplicative_error", "periods", "scorecard"]
+__all__ = ["AGGREGATE", "BacktestError", "backtest", "json_safe", "multiplicative_error", "periods", "precheck", "scorecard"]

@@ -685,6 +685,13 @@ def backtest(
         from tasks.tracking import default_tracking_uri
 
         over["run"]["tracking_uri"] = default_tracking_uri()
+    try:  # fail fast on a bad time, path or configuration, before starting Prefect
+        from flows.backtest import parse_time, precheck
+
+        precheck(model, parse_time(shipped_at), data, _settings(config, over, as_json))
+    except (BacktestError, InputError, ConfigError) as exc:
+        _fail(str(exc), as_json)
+        return
     if not as_json:
         typer.echo(f"depsim: backtest of {model} shipped at {shipped_at}"
                    + ("" if data else " on the SYNTHETIC world"), err=True)
