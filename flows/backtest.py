@@ -147,18 +147,10 @@ def observed_rates(after: str, s: Settings) -> tuple[dict[str, float | None], in
     panel = JudgePanel(taxonomy, s.judge.kinds, s)
     views = [v for row in valid.select("conversation_id", "model", "messages", "tools").to_dicts() for v in ev.views_of(row)]
 
-    async def go() -> list[Any]:
-        try:
-            return await panel.judge_all(views)
-        finally:
-            await panel.aclose()
-
-    import asyncio
-
-    results = asyncio.run(go())
+    results = ev.judge_views(views, panel)
     rates: dict[str, float | None] = {}
     for cat in ALL_CATEGORIES:
-        scored = [combined[cat].verdict for combined, _ in results if combined[cat].verdict is not None]
+        scored = [bool(combined[cat].verdict) for combined, _ in results if combined[cat].verdict is not None]
         rates[cat] = sum(scored) / len(scored) if scored else None
     return rates, len(views)
 

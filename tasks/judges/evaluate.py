@@ -104,4 +104,17 @@ def run(conversations: pl.DataFrame, panel: JudgePanel, concurrency: int = 32,
     return asyncio.run(go())
 
 
-__all__ = ["ALL_CATEGORIES", "ConversationFlags", "judge_conversations", "pairs", "run", "views_of"]
+def judge_views(views: list[TrajectoryView], panel: JudgePanel, concurrency: int = 32
+                ) -> list[tuple[dict[str, Verdict], dict[str, dict[str, Verdict]]]]:
+    """The panel's (combined, per judge) verdicts per view, from synchronous code (closes the
+    panel's clients afterwards)."""
+    async def go() -> list[tuple[dict[str, Verdict], dict[str, dict[str, Verdict]]]]:
+        try:
+            return await panel.judge_all(views, concurrency)
+        finally:
+            await panel.aclose()
+
+    return asyncio.run(go())
+
+
+__all__ = ["ALL_CATEGORIES", "ConversationFlags", "judge_conversations", "judge_views", "pairs", "run", "views_of"]
