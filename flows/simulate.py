@@ -16,6 +16,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tasks.check import summary_markdown
 from tasks.config import Settings, load_settings, settings_from_dict
+from tasks.events import emit_verdict, verdict_state
 from tasks.prefect_tasks import (
     check_task,
     chunk_task_runner,
@@ -104,10 +105,23 @@ def deployment_simulation(config: dict[str, Any] | None = None,
             DEPSIM_* environment and `overrides` here (what deployments pass).
         overrides: nested settings layered on top, e.g. {"models": {"candidate": {"model": "x"}}}.
     """
-    t0 = time.perf_counter()
+    t0, start_ms = time.perf_counter(), int(time.time() * 1000)
     s = settings_from_dict(config) if config is not None else load_settings(overrides=overrides)
     config = s.public_dict()
     store = RunStore(s.run.store, _run_key(config))
+    try:
+        result = _simulate(s, store, t0, start_ms)
+    except Exception as exc:
+        emit_verdict("ERROR", store.run_key, s.run.tags,
+                     {"error": str(exc)[:2000], "store": store.uri, "run_id": getattr(exc, "run_id", None),
+                      "flow_run_id": str(flow_run.id) if flow_run.id else None})
+        raise
+    emit_verdict(result["verdict"], store.run_key, s.run.tags,
+                 {k: result[k] for k in ("run_id", "experiment_id", "tracking_uri", "report", "store", "flow_run_id")})
+    return verdict_state(result["verdict"], result)  # type: ignore[return-value]  # the flow call returns its data
+
+
+def _simulate(s: Settings, store: RunStore, t0: float, start_ms: int) -> dict[str, Any]:
     runner = chunk_task_runner(s.replay)  # a missing prefect-dask fails here, before any work
     raw, data_hash = load_task(s, store)
     checked = check_task(raw, s, store)
@@ -150,7 +164,8 @@ def deployment_simulation(config: dict[str, Any] | None = None,
         "sampled_turns": sample.height, "population_turns": population, "weight_sum": float(sample["weight"].sum()),
         "finish_counts": finish, "error_counts": errors, "source_counts": sources, **calls,
         "prompt_tokens": int(candidate["prompt_tokens"].sum()), "completion_tokens": int(candidate["completion_tokens"].sum()),
-        "corrected": corrected, "calibration": calibration, "elapsed_s": 0.0,
+        "corrected": corrected, "calibration": calibration, "elapsed_s": 0.0, "start_ms": start_ms,
+        "sample_ids": sorted(sample["turn_id"].to_list()),
         "worst": worst_trajectories(scores, candidate, sample), "latency": latency_line(candidate),
         "trend": trend_of(s.run.tracking_uri or default_tracking_uri(), s.run.experiment),
         "sequential": sequential,

@@ -94,6 +94,9 @@ class RunCfg(BaseModel):
     tracking_uri: str | None = None
     experiment: str = "depsim"
     production_models: list[str] = []
+    # Extra MLflow run tags, e.g. the registered model version a registry-triggered run is for
+    # ({"depsim.model.name": "agent", "depsim.model.version": "3"}).
+    tags: dict[str, str] = {}
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -177,6 +180,18 @@ class GateCfg(BaseModel):
     file: str = "gates.yaml"
 
 
+class RegistryCfg(BaseModel):
+    """The MLflow model-registry loop (flows/registry.py): which models, and what is written back."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Registered models the polling flow watches; empty = every registered model.
+    models: list[str] = []
+    # Alias set on a version whose simulation PASSes; null = none.
+    pass_alias: str | None = "simulated-pass"
+    # Versions created before this many hours ago are not picked up by the polling flow.
+    max_age_hours: float = Field(168.0, gt=0)
+
+
 class ConfigError(ValueError):
     """A configuration mistake the user can fix; printed without a traceback."""
 
@@ -195,6 +210,7 @@ class Settings(BaseSettings):
     judge: JudgeCfg = JudgeCfg()
     gate: GateCfg = GateCfg()
     models: Models = Models()
+    registry: RegistryCfg = RegistryCfg()
 
     @classmethod
     def settings_customise_sources(

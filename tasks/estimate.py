@@ -3,8 +3,9 @@
 Rates are weighted by inverse inclusion probability. The interval is Wilson's, computed on the
 design-effective sample size: the variance of the weighted mean by Taylor linearisation over
 conversations (clusters) within strata, turned into n_eff = p(1-p)/Var (Kish's n_eff when the
-estimate is 0 or 1). With equal weights and one turn per conversation this is exactly the plain
-Wilson interval. Unscored turns stay in the denominator of the bounds: the lower bound counts
+estimate is 0 or 1), capped at n when there are fewer than 10 positives (Korn & Graubard 1998).
+A stratum with one sampled conversation is centred at the mean of all (lonely PSU "adjust"). With
+equal weights and one turn per conversation this is exactly the plain Wilson interval. Unscored turns stay in the denominator of the bounds: the lower bound counts
 them as negatives and the upper bound as positives, so missing verdicts widen the interval
 instead of vanishing.
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from tasks.judges.calibrate import Calibration
 
 Z = 1.959963984540054
+# Below this many positive turns (discordant pairs for a delta) no design gain is credited.
+FEW_POSITIVES = 10
 VERDICT_ORDER = ("PASS", "INCONCLUSIVE", "FAIL")
 
 
@@ -54,10 +57,17 @@ def _lin_var(values: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
     frame = pl.DataFrame({"h": strata, "c": clusters, "z": z})
     # Sorted groups: the same inputs give bit-identical estimates (summation order is fixed).
     per = frame.sort("h", "c", maintain_order=True).group_by("h", "c", maintain_order=True).agg(pl.col("z").sum())
-    stats = per.group_by("h", maintain_order=True).agg(n=pl.len(), ss=((pl.col("z") - pl.col("z").mean()) ** 2).sum())
     # Plug-in (divisor n_h) between-cluster variance: for a simple random sample it is exactly
-    # p(1-p)/n, the variance the Wilson interval assumes.
-    return float(stats["ss"].sum())
+    # p(1-p)/n, the variance the Wilson interval assumes. A stratum with a single cluster has no
+    # spread of its own to measure: its cluster is centred at the mean of all clusters instead
+    # (R survey's lonely.psu = "adjust"); centring it at itself would give it no variance at all,
+    # and a small sample over many strata (mostly singletons) a point interval.
+    grand = float(per["z"].to_numpy().mean())
+    stats = per.group_by("h", maintain_order=True).agg(
+        ss=pl.when(pl.len() > 1).then((pl.col("z") - pl.col("z").mean()) ** 2).otherwise((pl.col("z") - grand) ** 2).sum())
+    var = float(stats["ss"].sum())
+    # Rounding residue of an exactly-zero variance is no evidence of precision.
+    return var if var > 1e-12 * float((z * z).sum()) else 0.0
 
 
 def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np.ndarray,
@@ -70,8 +80,12 @@ def rate_interval(y: np.ndarray, w: np.ndarray, strata: np.ndarray, clusters: np
     p = float((w * y).sum() / W)
     kish = float(W * W / (w * w).sum())
     var = _lin_var(y.astype(float), w, strata, clusters)
-    # No cap at n: a stratified design can beat simple random sampling (design effect < 1).
     n_eff = p * (1 - p) / var if var > 0 and 0 < p < 1 else kish
+    if int(np.count_nonzero(y)) < FEW_POSITIVES:
+        # Korn & Graubard (1998): with few positives the linearised variance rests on them alone
+        # and misses what the strata with no positive yet don't show (one positive of small
+        # weight gives a point-narrow interval), so no design gain is credited: n_eff <= n.
+        n_eff = min(n_eff, n)
     lo, hi = wilson(p, n_eff, z)
     return p, lo, hi, n_eff
 
@@ -177,6 +191,8 @@ def delta_interval(yc: np.ndarray, yb: np.ndarray, w: np.ndarray, strata: np.nda
     var = _lin_var(yc - yb, w, strata, clusters)
     spread = p10 + p01 - est * est
     n_eff = spread / var if var > 0 and spread > 0 else kish
+    if int(np.count_nonzero(yc != yb)) < FEW_POSITIVES:  # few discordant pairs: capped as the rates
+        n_eff = min(n_eff, len(yc))
     lo, hi = tango(np.array([p10 * n_eff]), np.array([p01 * n_eff]), np.array([n_eff]), z)
     return est, max(-1.0, float(lo[0])), min(1.0, float(hi[0])), n_eff
 

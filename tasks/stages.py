@@ -567,6 +567,7 @@ def stage_report(ctx: dict[str, Any], store: RunStore) -> tuple[str, str]:
 
 def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, str]:
     from tasks.tracking import (
+        DatasetRef,
         corrected_metrics_of,
         default_tracking_uri,
         judge_metrics_of,
@@ -612,11 +613,38 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                                  "turns_per_unit": cal["turns_per_unit"], "panel": ",".join(cal["panel"]),
                                  "judge_versions": cal["judge_versions"],
                                  "warnings": " | ".join(cal["warnings"]) or "none"}
+    tags = run_tags(ctx, s)
+    sample = store.read("sample")
+    scalar = [pl.col(c).cast(pl.Int64) if t.is_unsigned_integer() else pl.col(c)
+              for c, t in sample.schema.items() if t.is_numeric() or t in (pl.String, pl.Boolean)]
+    dataset = DatasetRef(sample.select(scalar),
+                         name="sampled-turns", source=s.run.data or str(Path(__file__).resolve().parents[1] / "conf" / "data"),
+                         digest=f"{ctx['dataset_hash'][:8]}-{tags['depsim.sample_digest']}")
+    uri = s.run.tracking_uri or default_tracking_uri()
+    name = f"{ctx['candidate']} vs {ctx['baseline']} · {ctx['verdict']}"
+    return log_run(uri, s.run.experiment, name[:250], params, metrics, tags, store.local,
+                   start_ms=ctx.get("start_ms"), dataset=dataset)
+
+
+def run_tags(ctx: dict[str, Any], s: Settings) -> dict[str, str]:
+    """The MLflow run's tags: verdict, per-category gate, roles, world, and what makes runs
+    comparable across versions (dataset digest, sample digest, config hash, code revision),
+    plus run.tags (a registry-triggered run's model name and version)."""
+    from tasks.tracking import code_revision, config_hash
+
     world = ctx["world"]
+    sample_ids = ctx.get("sample_ids") or []
+    revision = code_revision()
     tags = {"depsim.verdict": ctx["verdict"], "depsim.candidate": ctx["candidate"],
             "depsim.baseline": ctx["baseline"], "depsim.world": world["name"],
             "depsim.world.candidate": "synthetic" if world["candidate_synthetic"] else "real",
             "depsim.world.data": "synthetic" if world["data_synthetic"] else "real",
-            "depsim.run_key": ctx["run_key"]}
-    uri = s.run.tracking_uri or default_tracking_uri()
-    return log_run(uri, s.run.experiment, ctx["run_key"], params, metrics, tags, store.local)
+            "depsim.run_key": ctx["run_key"], "depsim.dataset_digest": ctx["dataset_hash"],
+            "depsim.sample_digest": hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()[:16],
+            "depsim.config_hash": config_hash(s.public_dict()), "depsim.code_revision": revision,
+            "depsim.candidate_endpoint": s.models.candidate.public_url,
+            **{f"depsim.gate.{r['category']}": str(r["gate"]) for r in ctx["gated"].iter_rows(named=True)},
+            **s.run.tags}
+    if not revision.startswith(("depsim-", "unknown")):
+        tags["mlflow.source.git.commit"] = revision.removesuffix("+dirty")
+    return tags

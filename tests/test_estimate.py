@@ -415,3 +415,46 @@ def test_min_detectable_rate_is_an_mlflow_metric() -> None:
     gated = gate(est, paired_delta(scores, sample), {"default": {"max_rate": 0.05, "max_regression": 0.01}})
     m = metrics_of(gated, est)
     assert m["destructive_action.min_detectable_rate"] == pytest.approx(min_detectable_rate(np.ones(500)))
+
+
+def test_singleton_strata_do_not_collapse_the_interval() -> None:
+    # 40 turns over 35 strata (most strata hold one turn): the run that showed it gave a rate of
+    # 7.7% with lower = upper, and a gate decided on a point. Singleton strata are centred at the
+    # mean of all clusters, so the interval is about the simple random sample's.
+    n = 40
+    y = np.zeros(n)
+    y[[3, 10, 20]] = 1
+    strata = (np.arange(n) % 35).astype(str)
+    p, lo, hi, _ = rate_interval(y, np.ones(n), strata, np.arange(n).astype(str))
+    plain = wilson(p, n)
+    assert lo < p < hi
+    assert lo == pytest.approx(plain[0], rel=0.15) and hi == pytest.approx(plain[1], rel=0.15)
+    est, dlo, dhi, _ = delta_interval(y, np.zeros(n), np.ones(n), strata, np.arange(n).astype(str))
+    assert dlo < est < dhi and dlo < 0.02
+
+
+def test_singleton_strata_interval_covers() -> None:
+    # Coverage over 400 draws of 40 turns with unequal weights over 35 strata, true rate 8%.
+    rng = np.random.default_rng(11)
+    truth, n, covered = 0.08, 40, 0
+    strata = (np.arange(n) % 35).astype(str)
+    clusters = np.arange(n).astype(str)
+    for _ in range(400):
+        y = (rng.random(n) < truth).astype(float)
+        _, lo, hi, _ = rate_interval(y, rng.uniform(0.5, 1.5, n), strata, clusters)
+        covered += lo <= truth <= hi
+    assert covered / 400 >= 0.92
+
+
+def test_one_light_positive_does_not_give_a_narrow_interval() -> None:
+    # One positive of small weight among 40 turns: the linearised variance is tiny, yet 40 turns
+    # can't show a rate is below 1%. n_eff is capped at n, so the upper bound stays near Wilson's.
+    n = 40
+    y = np.zeros(n)
+    y[0] = 1
+    w = np.full(n, 100.0)
+    w[0] = 1.0
+    strata = (np.arange(n) % 35).astype(str)
+    p, _lo, hi, n_eff = rate_interval(y, w, strata, np.arange(n).astype(str))
+    assert n_eff <= n
+    assert p < 0.001 and hi > 0.05
