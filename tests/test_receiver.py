@@ -535,9 +535,12 @@ def test_mlflow_server_delivers_a_signed_model_version_created(tmp_path: Path, r
         with build(SECRET, recorder, state_path=tmp_path / "s.sqlite") as server:
             _wait_http(f"http://127.0.0.1:{port}/health", proc, 120, "mlflow server")
             client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
-            client.create_webhook(name="depsim-receiver", url=server.url, secret=SECRET,
-                                  events=["model_version.created", "model_version_tag.set",
-                                          "model_version_alias.created"])
+            hook = client.create_webhook(name="depsim-receiver", url=server.url, secret=SECRET,
+                                         events=["model_version.created", "model_version_tag.set",
+                                                 "model_version_alias.created"])
+            # The module docstring's connectivity check: MLflow's example tag is ignored (200).
+            probe = client.test_webhook(hook.webhook_id, event="model_version_tag.set")
+            assert probe.success and probe.response_status == 200, probe
             client.create_registered_model("agent")
             mv = client.create_model_version("agent", source="s3://bucket/agent/v1",
                                              tags={"depsim.base_url": "http://127.0.0.1:9/v1"})
@@ -547,13 +550,13 @@ def test_mlflow_server_delivers_a_signed_model_version_created(tmp_path: Path, r
             def outcomes() -> list[dict[str, Any]]:
                 return [r.depsim for r in caplog.records if hasattr(r, "depsim")]  # type: ignore[attr-defined]
 
-            _wait_for(lambda: len(outcomes()) >= 3, 60, "three deliveries from the mlflow server")
+            _wait_for(lambda: len(outcomes()) >= 4, 60, "four deliveries from the mlflow server")
             time.sleep(1.0)  # nothing else is on its way
     finally:
         _stop(proc)
     seen = sorted((o["outcome"], o["status"], o["reason"]) for o in outcomes())
     assert seen == [("accepted", 202, "model_version.created"), ("ignored", 200, "own_alias"),
-                    ("ignored", 200, "tag_not_trigger")], seen
+                    ("ignored", 200, "tag_not_trigger"), ("ignored", 200, "tag_not_trigger")], seen
     (ready,) = recorder.events
     assert (ready.name, ready.version, ready.trigger) == ("agent", mv.version, "model_version.created")
     (accepted,) = [o for o in outcomes() if o["outcome"] == "accepted"]
