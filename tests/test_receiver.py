@@ -525,7 +525,8 @@ def test_mlflow_server_delivers_a_signed_model_version_created(tmp_path: Path, r
     caplog.set_level(logging.INFO, logger="depsim.receiver")
     port = free_port()
     env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(), "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(), "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job consumers: webhooks don't need them
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                              "--default-artifact-root", str(tmp_path / "artifacts")],
