@@ -97,6 +97,9 @@ class RunCfg(BaseModel):
     # Extra MLflow run tags, e.g. the registered model version a registry-triggered run is for
     # ({"depsim.model.name": "agent", "depsim.model.version": "3"}).
     tags: dict[str, str] = {}
+    # Replayed turns logged as MLflow traces with the judges' verdicts (flagged turns first);
+    # 0 = none. About 30 ms per turn on a SQLite store.
+    traces: int = Field(1000, ge=0)
 
     @field_validator("seed", mode="before")
     @classmethod

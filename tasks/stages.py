@@ -272,6 +272,9 @@ def stage_judge(candidate: pl.DataFrame, sample: pl.DataFrame, valid: pl.DataFra
     store.write("scores", scores)
     store.write("judge_verdicts", per_judge)
     store.write_json("judges.json", info)
+    # The sampled conversations, for the turn traces' inputs (and a reviewer's labelled set).
+    store.write("conversations", valid.join(sample.select("conversation_id").unique(), on="conversation_id")
+                .select("conversation_id", "messages"))
     report("judge", both.height, both.height)
     return scores
 
@@ -623,7 +626,31 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
     uri = s.run.tracking_uri or default_tracking_uri()
     name = f"{ctx['candidate']} vs {ctx['baseline']} · {ctx['verdict']}"
     return log_run(uri, s.run.experiment, name[:250], params, metrics, tags, store.local,
-                   start_ms=ctx.get("start_ms"), dataset=dataset)
+                   start_ms=ctx.get("start_ms"), dataset=dataset,
+                   before_end=lambda run_id, exp_id: _turn_traces(uri, run_id, exp_id, s, store, judges))
+
+
+def _turn_traces(uri: str, run_id: str, experiment_id: str, s: Settings, store: RunStore,
+                 judges: dict[str, Any]) -> None:
+    """Each replayed turn as an MLflow trace with the judges' verdicts as assessments (at most
+    run.traces, flagged turns first); a failure is a warning, the run stands without them."""
+    if s.run.traces == 0:
+        return
+    from tasks.traces import log_turn_traces, secret_values
+
+    report("mlflow-traces", 0, None)
+    try:
+        traj = store.read("trajectories")
+        counts = log_turn_traces(uri, experiment_id, run_id, traj.filter(pl.col("side") == "candidate"),
+                                 store.read("scores"), store.read("sample"), limit=s.run.traces,
+                                 conversations=store.read("conversations"), model_calls=store.read("model_calls"),
+                                 judge_verdicts=store.read("judge_verdicts"), judges=judges.get("provenance"),
+                                 secrets=secret_values(s))
+    except Exception as exc:  # traces help review; they must not sink the run
+        log.warning("MLflow: the turn traces were not logged: %s", exc)
+        return
+    log.info("MLflow: %d turn traces (%d flagged), %d assessments", counts["traces"], counts["flagged"],
+             counts["assessments"])
 
 
 def run_tags(ctx: dict[str, Any], s: Settings) -> dict[str, str]:

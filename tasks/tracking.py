@@ -7,6 +7,7 @@ the flow's own start and end times (`start_ms`), so its duration in the MLflow U
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -173,6 +174,11 @@ def log_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str,
             before_end(run_id, exp_id)
         client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
     except BaseException:
+        if before_end is not None:  # traces already written for this run go with it
+            from tasks.traces import delete_turn_traces
+
+            with contextlib.suppress(Exception):
+                delete_turn_traces(tracking_uri, exp_id, run_id)
         client.delete_run(run_id)
         raise
     return run_id, exp_id
