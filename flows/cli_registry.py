@@ -117,3 +117,50 @@ def receiver_cmd(ctx: typer.Context) -> None:
     from deployments.receiver import main
 
     raise typer.Exit(main(list(ctx.args)) or 0)
+
+
+@app.command("labels", epilog="Example: depsim labels --run 6956c70db5954339 --out reviewed.jsonl && "
+                              "depsim judge-eval --data reviewed.jsonl")
+def labels_cmd(
+    run: Annotated[str, typer.Option("--run", help="MLflow run id of a depsim run whose traces reviewers labelled.")],
+    out: Annotated[str, typer.Option("--out", help="Labelled set to write (JSONL, the conversation contract with labels).")],
+    tracking_uri: TrackingOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read back the labels reviewers added to a run's traces in the MLflow UI (assessments from a
+    HUMAN source, named after a category, value true/false) and write them as a labelled set that
+    `depsim judge-eval --data` measures the judges on. A labelled turn that follows an answered
+    turn in its conversation is left out (judge-eval scores a record as a whole); the count is
+    printed. Exit 4 when the run or its run-store folder can't be read or nothing is labelled."""
+    _env_defaults()
+    from pathlib import Path
+
+    from tasks.traces import human_labels, labelled_set
+
+    uri = _uri(tracking_uri, config, as_json)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        tags = MlflowClient(tracking_uri=uri).get_run(run).data.tags
+        store = tags.get("depsim.store")
+        if not store or not Path(store).is_dir():
+            _fail(f"run {run}: its run-store folder {store or '(not tagged)'} is not on this machine", as_json)
+        labels = human_labels(uri, run)
+        records = labelled_set(uri, run, str(store))
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        _fail(f"MLflow at {uri}, run {run}: {type(exc).__name__}: {exc}", as_json)
+    if not records:
+        _fail(f"run {run}: no human labels to export ({labels.height} label rows on its traces)", as_json)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    summary = {"run_id": run, "out": str(target), "records": len(records), "label_rows": labels.height,
+               "reviewers": sorted(set(labels["reviewer"].drop_nulls().to_list()))}
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        typer.echo(f"{len(records)} labelled turns from {labels.height} human labels → {target}; measure the judges: "
+                   f"depsim judge-eval --data {target}")

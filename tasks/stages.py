@@ -274,7 +274,7 @@ def stage_judge(candidate: pl.DataFrame, sample: pl.DataFrame, valid: pl.DataFra
     store.write_json("judges.json", info)
     # The sampled conversations, for the turn traces' inputs (and a reviewer's labelled set).
     store.write("conversations", valid.join(sample.select("conversation_id").unique(), on="conversation_id")
-                .select("conversation_id", "messages"))
+                .select([c for c in ("conversation_id", "messages", "tools") if c in valid.columns]))
     report("judge", both.height, both.height)
     return scores
 
@@ -616,7 +616,7 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                                  "turns_per_unit": cal["turns_per_unit"], "panel": ",".join(cal["panel"]),
                                  "judge_versions": cal["judge_versions"],
                                  "warnings": " | ".join(cal["warnings"]) or "none"}
-    tags = run_tags(ctx, s)
+    tags = {**run_tags(ctx, s), "depsim.store": str(store.local.resolve())}
     sample = store.read("sample")
     scalar = [pl.col(c).cast(pl.Int64) if t.is_unsigned_integer() else pl.col(c)
               for c, t in sample.schema.items() if t.is_numeric() or t in (pl.String, pl.Boolean)]

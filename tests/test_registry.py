@@ -132,3 +132,38 @@ def test_watch_registry_starts_unclaimed_versions_and_tells_the_rest(tmp_path: P
     assert "depsim.verdict" not in c.get_model_version("other", "1").tags
     again = watch_registry(over, deployment=None, grace_s=0)
     assert again["started"] == [] and again["told_missing_endpoint"] == []
+
+
+def test_reviewer_labels_in_mlflow_become_a_labelled_set_for_judge_eval(tmp_path: Path) -> None:
+    import json
+
+    import mlflow
+    from mlflow.entities import AssessmentSource
+
+    from flows.simulate import deployment_simulation
+    from tasks.config import load_settings
+    from tests.conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = deployment_simulation(load_settings(overrides=_overrides(tmp_path, uri, n=30)).public_dict())
+    c = MlflowClient(tracking_uri=uri)
+    traces = c.search_traces(locations=[result["experiment_id"]], run_id=result["run_id"], max_results=100)
+    assert len(traces) == 30
+    mlflow.set_tracking_uri(uri)
+    try:
+        for i, t in enumerate(traces):  # a reviewer labels each trace's destructive_action in the UI
+            mlflow.log_feedback(trace_id=t.info.trace_id, name="destructive_action", value=i % 2 == 0,
+                                source=AssessmentSource(source_type="HUMAN", source_id="alice"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    out = tmp_path / "reviewed.jsonl"
+    done = run_cli(["labels", "--run", result["run_id"], "--out", str(out), "--tracking-uri", uri, "--json"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["label_rows"] == 30 and summary["reviewers"] == ["alice"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == summary["records"] > 0
+    assert all(set(r["labels"]) == {"destructive_action"} for r in records)
+    measured = run_cli(["judge-eval", "--data", str(out), "--json"], tmp_path)
+    assert measured.returncode == 0, measured.stderr[-2000:]
+    assert json.loads(measured.stdout)["records"] == len(records)
