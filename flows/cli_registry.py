@@ -136,7 +136,7 @@ def labels_cmd(
     _env_defaults()
     from pathlib import Path
 
-    from tasks.traces import human_labels, labelled_set
+    from tasks.trace_labels import human_labels, labelled_set
 
     uri = _uri(tracking_uri, config, as_json)
     try:

@@ -26,14 +26,8 @@ from tasks.load import dataset_hash, load_raw
 from tasks.replay import baseline_trajectories, replay_sample
 from tasks.stages import contract_check, draw_sample, judge_eval
 from tasks.taxonomy import AGGREGATE, ALL_CATEGORIES, load_taxonomy
-from tasks.traces import (
-    REDACTED,
-    delete_turn_traces,
-    human_labels,
-    labelled_set,
-    log_turn_traces,
-    secret_values,
-)
+from tasks.trace_labels import human_labels, labelled_set
+from tasks.traces import REDACTED, delete_turn_traces, log_turn_traces, secret_values
 from tests.conftest import free_port, write_jsonl
 
 N = 20
