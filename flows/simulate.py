@@ -32,7 +32,7 @@ from tasks.prefect_tasks import (
     report_task,
     sample_task,
 )
-from tasks.progress import report
+from tasks.progress import report, stop_on_interrupt
 from tasks.report_sections import cost_line, fidelity_of, latency_line, trend_of, worst_trajectories
 from tasks.sequential import at_look, look_order, look_sizes, look_z, undecided
 from tasks.stages import (
@@ -136,7 +136,8 @@ def _simulate(s: Settings, store: RunStore, t0: float, start_ms: int) -> dict[st
     for k, size in enumerate(sizes, start=1):
         # One look: replay the chunks it adds, judge and estimate on everything so far.
         start = sizes[k - 2] if k > 1 else 0
-        outcomes += _replay([c for c in chunks if start <= c.start < size], s, store, runner)
+        with stop_on_interrupt():  # Ctrl-C/SIGTERM here: chunks in worker threads stop at their next turn
+            outcomes += _replay([c for c in chunks if start <= c.start < size], s, store, runner)
         candidate, calls = combine_task(outcomes, store)
         endpoint_check_task(candidate, s, store, data_hash)  # too many endpoint errors: no verdict
         used = at_look(sample, size) if len(sizes) > 1 else sample
