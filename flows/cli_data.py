@@ -246,7 +246,7 @@ def serve_synthetic(
     """
     import socket
 
-    from tasks.synthetic.server import serve
+    from tasks.synthetic.server import MODEL_NAMES, serve
 
     try:  # uvicorn would log the bind error and exit 1: say it as depsim's own error instead
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -254,5 +254,5 @@ def serve_synthetic(
             probe.bind((host, port))
     except OSError as exc:
         _fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}", False)
-    typer.echo(f"SYNTHETIC world on http://{host}:{port}/v1 (models: synthetic-agent-v1, -v2, -v3)", err=True)
+    typer.echo(f"SYNTHETIC world on http://{host}:{port}/v1 (models: {', '.join(MODEL_NAMES)})", err=True)
     serve(host, port)
