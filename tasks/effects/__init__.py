@@ -15,6 +15,7 @@ Modules: catalogue (tools, hosts, values in text), shell, sql, pycode, credentia
 
 from __future__ import annotations
 
+from tasks.effects import _quiet  # noqa: F401  (before bandit is imported)
 from tasks.effects.action import Action, classify_effects, parse_action
 from tasks.effects.catalogue import (
     EDIT_TOOLS,
