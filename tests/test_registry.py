@@ -166,4 +166,7 @@ def test_reviewer_labels_in_mlflow_become_a_labelled_set_for_judge_eval(tmp_path
     assert all(set(r["labels"]) == {"destructive_action"} for r in records)
     measured = run_cli(["judge-eval", "--data", str(out), "--json"], tmp_path)
     assert measured.returncode == 0, measured.stderr[-2000:]
-    assert json.loads(measured.stdout)["records"] == len(records)
+    report = json.loads(measured.stdout)
+    assert report["coverage"]["labelled"]["destructive_action"] == len(records) and report["unit"] == "turn"
+    counts = report["judges"]["rules"]["categories"]["destructive_action"]
+    assert counts["tp"] + counts["fp"] + counts["tn"] + counts["fn"] == len(records)
