@@ -172,10 +172,13 @@ def test_registered_version_is_simulated_once_and_the_verdict_written_back(
     if got == "PASS":
         assert client.get_model_version_by_alias("support-agent", "simulated-pass").version == version
 
-    # The verdict event reached Prefect's event stream.
-    events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"prefix": ["depsim.verdict."]}}},
-                        timeout=10).json()["events"]
-    assert any(e["event"] == f"depsim.verdict.{got.lower()}" for e in events)
+    # The verdict event reached Prefect's event stream (the server stores events a few seconds late).
+    def verdict_event() -> bool:
+        events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"prefix": ["depsim.verdict."]}}},
+                            timeout=10).json()["events"]
+        return any(e["event"] == f"depsim.verdict.{got.lower()}" for e in events)
+
+    _wait("the depsim.verdict event stored", verdict_event, 90, [server])
 
     # No planted secret in MLflow (params, tags, artifacts, traces), the report or Prefect's logs.
     exported: list[str] = [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(tags)]
