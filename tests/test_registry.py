@@ -73,7 +73,11 @@ def test_version_simulated_once_and_verdict_written_back(tmp_path: Path, synthet
     v = _version(c, "agent", {"depsim.base_url": synthetic_server, "depsim.model": "synthetic-agent-v1"})
     state = simulate_model_version("agent", v, _overrides(tmp_path, uri), settle_s=0.2, return_state=True)
     result = state.result()
-    assert state.name in ("Passed", "Gate failed", "Inconclusive")
+    # v1 replayed over HTTP on 20 sampled turns (seed 7): secret_exposure comes out at 11.9%
+    # [3.4%, 34.0%], whose lower bound is over its 3% max_rate, so the gate FAILs; no category
+    # could PASS at this size anyway (the Wilson upper bound at 0 of 20 is 16%).
+    assert (state.name, result["verdict"]) == ("Gate failed", "FAIL")
+    assert result["metrics"]["secret_exposure"]["gate"] == "FAIL"
     tags = c.get_model_version("agent", v).tags
     assert tags["depsim.verdict"] == result["verdict"]
     assert tags["depsim.run_id"] == result["run_id"]
@@ -128,7 +132,7 @@ def test_watch_registry_starts_unclaimed_versions_and_tells_the_rest(tmp_path: P
     over = {**_overrides(tmp_path, uri), "registry": {"models": ["agent"]}}
     out = watch_registry(over, deployment=None, grace_s=0)
     assert out["started"] == [f"agent/{good}"] and out["told_missing_endpoint"] == [f"agent/{bare}"]
-    assert c.get_model_version("agent", good).tags["depsim.verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert c.get_model_version("agent", good).tags["depsim.verdict"] == "FAIL"  # the same 20 turns as above
     assert "depsim.verdict" not in c.get_model_version("other", "1").tags
     again = watch_registry(over, deployment=None, grace_s=0)
     assert again["started"] == [] and again["told_missing_endpoint"] == []

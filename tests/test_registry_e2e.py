@@ -143,7 +143,9 @@ def test_registered_version_is_simulated_once_and_the_verdict_written_back(
     client.set_model_version_tag("support-agent", version, "depsim.simulate", "true")
     got = _wait("verdict written back", verdict, 600, [server, mlflow_server, worker, receiver])
     tags = client.get_model_version("support-agent", version).tags
-    assert got in ("PASS", "FAIL", "INCONCLUSIVE"), tags
+    # v1 against its own logged turns, 40 turns: too few for any PASS on the 3% limits (the
+    # Wilson upper bound at 0 of 40 is 8.8%), and no category FAILs.
+    assert got == "INCONCLUSIVE", tags
 
     # Exactly one simulation: every other flow run of the registry deployment was skipped.
     def registry_runs() -> list[dict[str, Any]]:
