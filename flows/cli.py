@@ -241,6 +241,9 @@ def run(
     try:  # fail fast on a wrong path, a missing key or a bad calibration file, before starting Prefect
         resolve_sources(s.run.data)
         s.models.candidate.api_key()
+        from tasks.local_llm import preflight
+
+        preflight(s)  # local-llm:// roles: the extra and the model are there
         if s.judge.calibration:
             from tasks.judges.calibrate import read_calibration
 

@@ -14,6 +14,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from tasks import local_llm
 from tasks.check import summary_markdown
 from tasks.config import Settings, load_settings, settings_from_dict
 from tasks.events import emit_verdict, verdict_state
@@ -110,7 +111,8 @@ def deployment_simulation(config: dict[str, Any] | None = None,
     config = s.public_dict()
     store = RunStore(s.run.store, _run_key(config))
     try:
-        result = _simulate(s, store, t0, start_ms)
+        with local_llm.serving(s):  # the llama.cpp server of roles bound to local-llm://, if any
+            result = _simulate(s, store, t0, start_ms)
     except Exception as exc:
         emit_verdict("ERROR", store.run_key, s.run.tags,
                      {"error": str(exc)[:2000], "store": store.uri, "run_id": getattr(exc, "run_id", None),

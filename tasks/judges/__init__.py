@@ -83,11 +83,38 @@ def aggregate(verdicts: dict[str, Verdict]) -> Verdict:
     return Verdict(AGGREGATE, False, "none", [], "aggregate", "1")
 
 
+def only_these_for_llm(taxonomy: dict[str, Any], categories: list[str], source: str) -> dict[str, Any]:
+    """The taxonomy with judges of kind `llm` kept only on the given categories (judge.llm_categories:
+    a slow local judge answers a few categories, the rules judge the rest).
+
+    Raises:
+        ConfigError: an unknown category name.
+    """
+    unknown = sorted(set(categories) - set(CATEGORIES))
+    if unknown:
+        raise ConfigError(f"judge.llm_categories: unknown categories {unknown} (known: {', '.join(CATEGORIES)})")
+    specs = taxonomy.get("judges") or {}
+    llm = {n for n, spec in specs.items() if (spec or {}).get("kind", n) == "llm"}
+    cats = {}
+    for cat, entry in taxonomy["categories"].items():
+        listed = [str(j) for j in entry.get("judges") or list(specs)]
+        if cat not in categories:
+            listed = [j for j in listed if j not in llm]
+        rule = str(entry.get("combine", taxonomy.get("combine_default", "any")))
+        if rule.startswith("prefer:") and rule.split(":", 1)[1] not in listed:
+            rule = "any"
+        cats[cat] = {**entry, "judges": listed, "combine": rule}
+    return {**taxonomy, "categories": cats}
+
+
 class JudgePanel:
     """The judges of one run: judge a view with every enabled judge and combine per category."""
 
     def __init__(self, taxonomy: dict[str, Any], enabled: list[str], settings: Any = None,
                  source: str = "judges.yaml") -> None:
+        limit = getattr(getattr(settings, "judge", None), "llm_categories", None)
+        if limit is not None:
+            taxonomy = only_these_for_llm(taxonomy, list(limit), source)
         self.taxonomy = taxonomy
         self.plans = plan(taxonomy, enabled, source)
         specs = taxonomy.get("judges") or {"rules": {"kind": "rules"}}

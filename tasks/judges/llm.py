@@ -46,8 +46,11 @@ _CODE_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
 
 # --- the answer --------------------------------------------------------------------------------
 
-def answer_schema(categories: list[str], scale: list[str]) -> dict[str, Any]:
+def answer_schema(categories: list[str], scale: list[str], answer: str = "per_category") -> dict[str, Any]:
     """The JSON schema of an answer for a category group (OpenAI strict-mode rules)."""
+    if answer == "flags":
+        return {"type": "object", "properties": {c: {"type": "boolean"} for c in categories},
+                "required": list(categories), "additionalProperties": False}
     props: dict[str, Any] = {
         "category": {"type": "string", "enum": list(categories)},
         "rationale": {"type": "string"},
@@ -106,7 +109,7 @@ def _item_vote(item: dict[str, Any], scale: list[str], default_severity: str, n_
 
 
 def parse_answer(text: str, categories: list[str], scale: list[str], severities: dict[str, str],
-                 n_messages: int) -> dict[str, Vote]:
+                 n_messages: int, answer: str = "per_category") -> dict[str, Vote]:
     """One sample's votes per category; a category the answer does not give validly is unscored
     (`judge_malformed`), the others stand."""
     text = text.strip()
@@ -119,6 +122,8 @@ def parse_answer(text: str, categories: list[str], scale: list[str], severities:
         value = None
         problem = f"not JSON: {text[:80]!r}"
     else:
+        if answer == "flags":
+            return _flag_votes(value, categories, severities)
         problem = "" if isinstance(value, dict) and isinstance(value.get("verdicts"), list) else \
             "not an object with a `verdicts` list"
     if problem:
@@ -136,6 +141,21 @@ def parse_answer(text: str, categories: list[str], scale: list[str], severities:
             out[c] = Vote(None, reason=f"judge_malformed: {len(got)} different verdicts for {c}")
         else:
             out[c] = _item_vote(got[0], scale, severities.get(c, "medium"), n_messages)
+    return out
+
+
+def _flag_votes(value: Any, categories: list[str], severities: dict[str, str]) -> dict[str, Vote]:
+    """Votes from a `flags` answer ({category: violated}); a category without a boolean is
+    unscored, the others stand."""
+    if not isinstance(value, dict):
+        return {c: Vote(None, reason="judge_malformed: not an object of category flags") for c in categories}
+    out: dict[str, Vote] = {}
+    for c in categories:
+        flag = value.get(c)
+        if not isinstance(flag, bool):
+            out[c] = Vote(None, reason=f"judge_malformed: no true/false for {c}")
+        else:
+            out[c] = Vote(True, severities.get(c, "medium")) if flag else Vote(False)
     return out
 
 
@@ -190,8 +210,9 @@ class _SampledChat(ChatModel):
     """A ChatModel whose request seed is set per call: sample j of k sends seed + j."""
 
     def request_body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                     max_tokens: int, response_format: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = super().request_body(messages, tools, max_tokens, response_format)
+                     max_tokens: int, response_format: dict[str, Any] | None = None,
+                     tool_choice: str | None = None) -> dict[str, Any]:
+        body = super().request_body(messages, tools, max_tokens, response_format, tool_choice)
         seed = _SAMPLE_SEED.get()
         if seed is not None:
             body["seed"] = seed
@@ -246,7 +267,8 @@ class LLMJudge(Judge):
         self.endpoint: Endpoint = endpoint
         self.seed = endpoint.seed if endpoint.seed is not None else seed
         self.cache = ModelCache(cache_root) if cache_root else None
-        self.prompt = load_prompt(str(spec.get("prompt", "judge_prompt.yaml")))
+        chosen = getattr(settings.judge, "prompt", None) if settings is not None else None
+        self.prompt = load_prompt(str(chosen or spec.get("prompt", "judge_prompt.yaml")))
         self.scale = [str(s) for s in taxonomy.get("severity_scale") or SEVERITIES]
         self.groups = {str(g): [str(c) for c in cats] for g, cats in (spec.get("groups") or {}).items()}
         cats = taxonomy["categories"]
@@ -308,7 +330,7 @@ class LLMJudge(Judge):
         return [{"role": "system", "content": self.prompt.system}, {"role": "user", "content": user}]
 
     async def _sample(self, categories: list[str], window: Window, view: TrajectoryView, j: int) -> dict[str, Vote]:
-        schema = answer_schema(categories, self.scale)
+        schema = answer_schema(categories, self.scale, self.prompt.answer)
         try:
             out = await self._chat().sample(self.seed + j, self.request(categories, window, view),
                                             self.prompt.max_tokens, response_format(schema, self.prompt.response_format))
@@ -320,7 +342,7 @@ class LLMJudge(Judge):
             return self._failed(categories, f"judge_malformed: answer cut at max_tokens={self.prompt.max_tokens}")
         severities = {c: str(self.taxonomy["categories"][c].get("severity", "medium")) for c in categories}
         votes = parse_answer(str(out.message.get("content") or ""), categories, self.scale, severities,
-                             len(view.messages))
+                             len(view.messages), self.prompt.answer)
         for v in votes.values():
             if v.reason:
                 self.unscored_samples[v.reason.split(":", 1)[0]] += 1

@@ -56,6 +56,11 @@ class JudgePrompt:
     max_tokens: int = 1500
     limits: Limits = field(default_factory=Limits)
     digest: str = ""
+    # per_category: one object per category (violated, severity, evidence, rationale,
+    # confidence). flags: {"<category>": true|false, ...} only; a violated category gets its
+    # default severity and no evidence. A few tokens instead of hundreds, for small local judges
+    # (conf/judge_prompt_local.yaml).
+    answer: Literal["per_category", "flags"] = "per_category"
 
 
 def load_prompt(name: str = "judge_prompt.yaml") -> JudgePrompt:
@@ -89,9 +94,14 @@ def load_prompt(name: str = "judge_prompt.yaml") -> JudgePrompt:
             isinstance(v, int) and not isinstance(v, bool) and v >= 200 for v in raw.values())):
         raise ConfigError(f"{name}: limits must map {', '.join(keys)} to integers >= 200, got {raw!r}")
     limits = Limits(**raw)
-    prompt_digest = digest({"system": system, "user": user, "response_format": style, "max_tokens": max_tokens,
-                   "limits": raw, "transcript_format": [BEGIN_MARK, TURN_MARK, END_MARK, "fence-v1"]})
-    return JudgePrompt(system, template, style, max_tokens, limits, prompt_digest)
+    answer = data.get("answer", "per_category")
+    if answer not in ("per_category", "flags"):
+        raise ConfigError(f"{name}: answer must be per_category or flags, got {answer!r}")
+    hashed: dict[str, Any] = {"system": system, "user": user, "response_format": style, "max_tokens": max_tokens,
+                              "limits": raw, "transcript_format": [BEGIN_MARK, TURN_MARK, END_MARK, "fence-v1"]}
+    if answer != "per_category":  # the default stays out, so earlier prompts keep their digests
+        hashed["answer"] = answer
+    return JudgePrompt(system, template, style, max_tokens, limits, digest(hashed), answer)
 
 
 def digest(obj: Any) -> str:
