@@ -139,6 +139,29 @@ def test_a_configured_url_that_does_not_answer_is_refused() -> None:
         pass
 
 
+def test_a_server_the_user_runs_is_used_and_left_running(synthetic_server: str) -> None:
+    """local_llm.url: no extra needed, nothing started or stopped; the roles reach that server
+    and the cache keys on it, not on the port."""
+    s = load_settings(str(ROOT / "conf" / "local-llm.yaml"), overrides={
+        "local_llm": {"url": synthetic_server},
+        "models": {"candidate": {"model": "synthetic-agent-v2", "tool_choice": None}}})
+    with local_llm.serving(s) as url:
+        assert url == synthetic_server.rstrip("/") and os.environ[local_llm.ENV_URL] == url
+
+        async def one_call() -> tuple[Any, ChatModel]:
+            model = ChatModel(s.models.candidate, seed=1)
+            try:
+                return await model.chat([{"role": "user", "content": "hello"}], None, 32), model
+            finally:
+                await model.aclose()
+
+        out, model = asyncio.run(one_call())
+        assert out.message["role"] == "assistant" and model.calls == 1
+        assert model._cache_url.startswith("local-llm://") and "127.0.0.1" not in model._cache_url
+    assert local_llm.ENV_URL not in os.environ
+    assert local_llm.ready(synthetic_server)                         # still running: not ours to stop
+
+
 def test_a_missing_model_file_is_refused() -> None:
     s = load_settings(str(ROOT / "conf" / "local-llm.yaml"), overrides={"local_llm": {"model_path": "/nope.gguf"}})
     with pytest.raises(ConfigError, match=r"no such file: /nope\.gguf"):
