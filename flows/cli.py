@@ -327,6 +327,10 @@ def _print_result(r: dict[str, Any]) -> None:
         typer.secho(m["gate"], fg=colours[m["gate"]])
     c = r["contract"]
     typer.echo(f"\ncontract: {c['verdict']} ({c['rows_passed']}/{c['rows_in']} rows passed, {c['rows_quarantined']} quarantined)")
+    if r.get("deid"):
+        from tasks.report import deid_line
+
+        typer.echo(deid_line(r["deid"]))
     typer.echo(f"sampled turns: {r['sampled_turns']} of {r['population_turns']} · model calls: {r['model_calls']} · {r['elapsed_s']}s")
     seq = r.get("sequential") or {}
     if seq.get("looks_planned", 1) > 1:

@@ -49,6 +49,7 @@ def fidelity(
     config: ConfigOpt = None,
     tracking_uri: TrackingUriOpt = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment for fidelity runs.")] = "depsim-fidelity",
+    deid: Annotated[bool, typer.Option("--deid", help="De-identify the conversations first (as `depsim run` does for real data), to measure what de-identification costs.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay the *recorded* tool calls through the simulator and compare with the recorded results.
@@ -69,6 +70,10 @@ def fidelity(
     except InputError as exc:
         _fail(str(exc), as_json)
     valid = contract_check(raw, s).valid
+    if deid:
+        from tasks.deid import deid_frame
+
+        valid, _ = deid_frame(valid)
     try:
         table = measure(valid, list(s.replay.simulator_chain), simulator=s.models.simulator,
                         prompt=s.replay.simulator_prompt, seed=s.run.seed)
@@ -87,7 +92,8 @@ def fidelity(
         with tempfile.TemporaryDirectory() as tmp:
             table.write_parquet(f"{tmp}/fidelity.parquet")
             run_id, _ = log_run(uri, experiment, "fidelity",
-                                {"data": s.run.data or "bundled SYNTHETIC logs", "simulator_chain": s.replay.simulator_chain},
+                                {"data": s.run.data or "bundled SYNTHETIC logs", "simulator_chain": s.replay.simulator_chain,
+                                 "deid": deid},
                                 metrics, {"depsim.kind": "fidelity"}, Path(tmp))
     except Exception as exc:  # MLflow unreachable or its store unwritable: infrastructure
         _fail(f"MLflow at {uri}: {type(exc).__name__}: {exc}", as_json)
@@ -152,6 +158,7 @@ def judge_eval(
     tracking_uri: TrackingUriOpt = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment for judge evaluations.")] = "depsim-judge-eval",
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Do not log to MLflow.")] = False,
+    deid: Annotated[bool, typer.Option("--deid", help="De-identify the conversations first (as `depsim run` does for real data), to measure what de-identification costs.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure the judges against human labels (the logs' `labels`) and write a calibration file.
@@ -208,6 +215,10 @@ def judge_eval(
         _fail(str(ContractFailed(checked, s.contract.fail_bad_share)), as_json, contract=checked.summary())
     if checked.rows_quarantined and not as_json:
         _print_quarantine(checked.quarantine, where=more)
+    if deid:
+        from tasks.deid import deid_frame
+
+        checked.valid, _ = deid_frame(checked.valid)
     total = sum(len(ev.views_of(r)) for r in checked.valid.select("conversation_id", "model", "messages", "tools").iter_rows(named=True))
     done = 0
 

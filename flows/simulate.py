@@ -24,6 +24,7 @@ from tasks.prefect_tasks import (
     combine_task,
     correct_task,
     dask_scope,
+    deid_task,
     endpoint_check_task,
     estimate_task,
     judge_task,
@@ -32,9 +33,11 @@ from tasks.prefect_tasks import (
     replay_chunk_task,
     report_task,
     sample_task,
+    scan_sample_task,
 )
 from tasks.progress import report, stop_on_interrupt
 from tasks.report_sections import cost_line, fidelity_of, latency_line, trend_of, worst_trajectories
+from tasks.scan import scan_eligible
 from tasks.sequential import at_look, look_order, look_sizes, look_z, undecided
 from tasks.stages import (
     ChunkOutcome,
@@ -125,14 +128,19 @@ def deployment_simulation(config: dict[str, Any] | None = None,
 
 def _simulate(s: Settings, store: RunStore, t0: float, start_ms: int) -> dict[str, Any]:
     runner = chunk_task_runner(s.replay)  # a missing prefect-dask fails here, before any work
-    raw, data_hash = load_task(s, store)
-    checked = check_task(raw, s, store)
+    if scan_eligible(s):  # Parquet logs: scan -> sample -> fetch -> check only the sample
+        checked, data_hash, sample, strata, population, represent = scan_sample_task(s, store)
+    else:
+        raw, data_hash = load_task(s, store)
+        checked = check_task(raw, s, store)
+        sample, strata, population, represent = sample_task(checked.valid, s, store)
     create_markdown_artifact(summary_markdown(checked), key="depsim-contract", description="contract check")
-    sample, strata, population, represent = sample_task(checked.valid, s, store)
+    # From here on only the sampled conversations, de-identified for real data (run.deid).
+    convs, deid = deid_task(sample, checked.valid, s, store)
     sizes = look_sizes(sample.height, s.sample.looks, s.replay.chunk_size)
     if len(sizes) > 1:
         sample = look_order(sample, s.run.seed)
-    chunks = plan_chunks(sample, checked.valid, s.replay.chunk_size)
+    chunks = plan_chunks(sample, convs, s.replay.chunk_size)
     outcomes: list[ChunkOutcome] = []
     looks: list[dict[str, Any]] = []
     for k, size in enumerate(sizes, start=1):
@@ -143,7 +151,7 @@ def _simulate(s: Settings, store: RunStore, t0: float, start_ms: int) -> dict[st
         candidate, calls = combine_task(outcomes, store)
         endpoint_check_task(candidate, s, store, data_hash)  # too many endpoint errors: no verdict
         used = at_look(sample, size) if len(sizes) > 1 else sample
-        scores = judge_task(candidate, used, checked.valid, s, store)
+        scores = judge_task(candidate, used, convs, s, store)
         estimates, gated, verdict = estimate_task(scores, used, s, store)
         looks.append({"look": k, "turns": size, "verdict": verdict, "undecided": undecided(gated)})
         if verdict != "INCONCLUSIVE":
@@ -162,7 +170,7 @@ def _simulate(s: Settings, store: RunStore, t0: float, start_ms: int) -> dict[st
         "run_key": store.run_key, "candidate": s.models.candidate.model, "baseline": world["baseline"],
         "synthetic": world["synthetic"], "world": world, "data": s.run.data or "bundled SYNTHETIC logs",
         "dataset_hash": data_hash, "seed": s.run.seed, "verdict": verdict, "gated": gated, "estimates": estimates,
-        "check": checked.summary(), "checks": checked.checks, "quarantine": checked.quarantine, "strata": strata,
+        "deid": deid, "check": checked.summary(), "checks": checked.checks, "quarantine": checked.quarantine, "strata": strata,
         "representativeness": represent,
         "sampled_turns": sample.height, "population_turns": population, "weight_sum": float(sample["weight"].sum()),
         "finish_counts": finish, "error_counts": errors, "source_counts": sources, **calls,
@@ -194,7 +202,7 @@ def _simulate(s: Settings, store: RunStore, t0: float, start_ms: int) -> dict[st
                        for r in corrected.filter(corrected["side"] == "candidate").iter_rows(named=True)}
                       if corrected is not None else None),
         "calibration_warnings": calibration["warnings"] if calibration else [],
-        "contract": ctx["check"],
+        "contract": ctx["check"], "deid": ctx["deid"],
         "quarantined": [{k: r[k] for k in ("source_file", "source_line", "rule", "reason")}
                         for r in checked.quarantine.head(100).iter_rows(named=True)],
         "model_calls": calls["model_calls"], "cache_hits": calls["cache_hits"], "retries": calls["retries"],

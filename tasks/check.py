@@ -62,6 +62,9 @@ class CheckResult:
     fail_share: float = 0.10
     # Conversations kept but flagged: real model behaviour a flag rule names (file, line, rule).
     flagged: list[dict[str, Any]] = field(default_factory=list)
+    # Set on the scan path (tasks/fetch.py): what was checked on the whole log (the scan) and
+    # what on the fetched sampled conversations (this check), with the replacements made.
+    levels: dict[str, Any] | None = None
 
     @property
     def rows_quarantined(self) -> int:
@@ -77,7 +80,7 @@ class CheckResult:
                 "by_rule": dict(sorted(self.by_rule.items())),
                 "normalised": dict(sorted(self.normalised.items())),
                 "flagged": dict(sorted(Counter(f["rule"] for f in self.flagged).items())),
-                "by_file": self.by_file()}
+                "by_file": self.by_file(), **({"levels": self.levels} if self.levels else {})}
 
     def by_file(self) -> dict[str, dict[str, Any]]:
         """Rows passed / quarantined and the verdict the same limits give, per source file."""

@@ -107,6 +107,10 @@ class RunCfg(BaseModel):
     store: str = "./depsim-runs"
     tracking_uri: str | None = None
     experiment: str = "depsim"
+    # De-identify the sampled conversations before any model sees them (tasks/deid.py): typed
+    # placeholders for credentials, e-mails, phones, IPs, URL passwords and account numbers.
+    # auto = on for real data, off for the SYNTHETIC world (its scripted agents read the values).
+    deid: bool | Literal["auto"] = "auto"
     production_models: list[str] = []
     # Extra MLflow run tags, e.g. the registered model version a registry-triggered run is for
     # ({"depsim.model.name": "agent", "depsim.model.version": "3"}).

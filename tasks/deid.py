@@ -370,3 +370,35 @@ def deid_records(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]
         out.append(d.conversation(record))
         total.update(d.counts())
     return out, {k: total[k] for k in KINDS}
+
+
+def deid_frame(convs: Any) -> tuple[Any, dict[str, int]]:
+    """De-identify the `messages` (JSON text) of a conversations frame, each conversation on its
+    own; tool declarations, labels and metadata are kept.
+
+    Returns:
+        The frame with de-identified messages (a conversation with nothing to replace keeps its
+        exact text) and counts: distinct values replaced per kind, summed over conversations,
+        and `conversations_changed`.
+    """
+    import polars as pl
+
+    total: Counter[str] = Counter({k: 0 for k in KINDS})
+    texts: list[str | None] = []
+    changed = 0
+    for text in convs["messages"].to_list():
+        messages = _parse_json(text) if isinstance(text, str) else None
+        if not isinstance(messages, list):
+            texts.append(text)
+            continue
+        d = Deidentifier()
+        record = d.conversation({"messages": messages})
+        counts = d.counts()
+        if any(counts.values()):
+            changed += 1
+            total.update(counts)
+            texts.append(json.dumps(record["messages"], ensure_ascii=False))
+        else:
+            texts.append(text)
+    out = convs.with_columns(pl.Series("messages", texts, dtype=pl.String))
+    return out, {**{k: total[k] for k in KINDS}, "conversations_changed": changed}

@@ -11,7 +11,7 @@ import glob
 import gzip
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -175,8 +175,14 @@ def _parquet_rows(source: str, data: bytes) -> list[dict[str, Any]]:
         raise InputError(f"{source}: not a readable Parquet file: {exc}") from exc
     if frame.height == 0:
         raise InputError(f"{source}: file is empty")
+    return parquet_records(source, frame, range(1, frame.height + 1))
+
+
+def parquet_records(source: str, frame: pl.DataFrame, lines: Iterable[int]) -> list[dict[str, Any]]:
+    """Raw rows (RAW_SCHEMA) of Parquet rows: each row as the JSON record the contract checks,
+    `source_line` its 1-based row number in the file."""
     rows = []
-    for i, rec in enumerate(frame.iter_rows(named=True), start=1):
+    for i, rec in zip(lines, frame.iter_rows(named=True), strict=True):
         for key in ("tools", "messages", "labels"):
             value = rec.get(key)
             if isinstance(value, str):  # nested fields stored as JSON text
@@ -184,9 +190,11 @@ def _parquet_rows(source: str, data: bytes) -> list[dict[str, Any]]:
                     rec[key] = json.loads(value)
         if isinstance(rec.get("messages"), list):  # nested Parquet: a null struct field is an absent key
             rec["messages"] = [_drop_nulls(m) for m in rec["messages"]]
+        if isinstance(rec.get("labels"), dict):    # the same for a labels struct (one field per category)
+            rec["labels"] = _drop_nulls(rec["labels"])
         if isinstance(rec.get("created_at"), datetime):
             rec["created_at"] = rec["created_at"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        rows.append({"source_file": source, "source_line": i,
+        rows.append({"source_file": source, "source_line": int(i),
                      "record": json.dumps(rec, default=str, ensure_ascii=False), "parse_error": None,
                      "excerpt": None})
     return rows

@@ -21,6 +21,8 @@ from tasks.config import ConfigError, ReplayCfg
 load_task = task(name="load")(stages.stage_load)
 check_task = task(name="contract-check")(stages.stage_check)
 sample_task = task(name="sample")(stages.stage_sample)
+scan_sample_task = task(name="scan-sample-fetch-check", cache_policy=NO_CACHE)(stages.stage_scan_sample)
+deid_task = task(name="de-identify", cache_policy=NO_CACHE)(stages.stage_deid)
 # Chunks resume through the run store and the model-call cache, not Prefect's result cache
 # (whose default key would hash every chunk's frames). A retry after an infrastructure fault
 # repeats no completed model call.

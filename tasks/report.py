@@ -28,6 +28,19 @@ svg{max-width:100%;height:auto}
 """
 
 
+def deid_line(info: dict[str, Any] | None) -> str:
+    """What de-identification did to the sampled conversations, in one sentence."""
+    if not info:
+        return "De-identification: not run."
+    if not info.get("applied"):
+        return f"De-identification: off ({info.get('why', '')})."
+    from tasks.deid import KINDS
+
+    kinds = ", ".join(f"{k} {info.get(k, 0)}" for k in KINDS if info.get(k))
+    return (f"De-identified before any model saw them ({info.get('why', '')}): {info.get('conversations_changed', 0)} of "
+            f"{info.get('conversations', 0)} sampled conversations, distinct values replaced: {kinds or 'none'}.")
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None or x != x else f"{100 * x:.2f}%"
 
@@ -209,6 +222,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
         h.append("<p>Kept and flagged as real model behaviour: " + ", ".join(f"<code>{html.escape(r)}</code> {n}" for r, n in check["flagged"].items()) + "</p>")
     if check.get("normalised"):
         h.append("<p>Normalised before checking: " + ", ".join(f"<code>{html.escape(k)}</code> {n}" for k, n in check["normalised"].items()) + "</p>")
+    h.append(f"<p>{html.escape(deid_line(ctx.get('deid')))}</p>")
     if q.height:
         h.append(_table(q.head(50), ["source_file", "source_line", "rule", "reason"]))
         if q.height > 50:
@@ -262,7 +276,7 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
     md += ["", f"Contract: {check['verdict']}, {check['rows_passed']}/{check['rows_in']} rows passed, {check['rows_quarantined']} quarantined"
            + (" (" + ", ".join(f"{r} {n}" for r, n in check.get("by_rule", {}).items()) + ")." if check.get("by_rule") else ".")
            + (" Kept and flagged: " + ", ".join(f"{r} {n}" for r, n in check["flagged"].items()) + "." if check.get("flagged") else ""),
-           f"Sample: {ctx['sampled_turns']} of {ctx['population_turns']} turns.", ""]
+           f"Sample: {ctx['sampled_turns']} of {ctx['population_turns']} turns. {deid_line(ctx.get('deid'))}", ""]
     return "".join(h), "\n".join(md)
 
 

@@ -95,7 +95,8 @@ def _role_flags(roles: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(is_user, is_assistant) per message, from a string or dictionary role array."""
     if pa.types.is_dictionary(roles.type):
         values = roles.dictionary.to_pylist()
-        codes = roles.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+        # Indices may be unsigned (Polars writes uint32 dictionaries): widen before marking nulls.
+        codes = roles.indices.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
         user = np.zeros(len(codes), dtype=bool)
         asst = np.zeros(len(codes), dtype=bool)
         for code, value in enumerate(values):  # a dictionary may hold a value more than once
@@ -276,4 +277,5 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
     sample, strata = sample_turns(turns, c.n, c.strata, s.run.seed, c.allocation, c.turns,
                                   c.turns_per_conversation, priors, c.oversample or None, c.dedupe)
     sample = sample.with_columns(pl.col(col).cast(dtype) for col, dtype in TURN_SCHEMA.items())
+    scanned.turns = turns  # the population after filters: replacement draws come from it (tasks/fetch.py)
     return sample, strata, turns.height, representativeness(strata, sample), scanned

@@ -74,6 +74,33 @@ def stage_check(raw: pl.DataFrame, s: Settings, store: RunStore) -> CheckResult:
     return result
 
 
+def stage_scan_sample(s: Settings, store: RunStore) -> tuple[CheckResult, str, pl.DataFrame, pl.DataFrame, int, dict[str, Any]]:
+    """Parquet logs: scan → sample → fetch → check (tasks/fetch.py). Writes what stage_check
+    and stage_sample write; the contract check covers the fetched sampled conversations.
+
+    Raises:
+        ContractFailed: too many of the fetched conversations fail the contract.
+    """
+    from tasks.fetch import scan_fetch_check
+
+    run = scan_fetch_check(s, progress=report)
+    checked = run.checked
+    store.write("quarantine", checked.quarantine)
+    store.write_json("contract_check.json", {**checked.summary(), "checks": checked.checks})
+    if checked.gx_result is not None:
+        store.write_json("gx_validation.json", checked.gx_result)
+    if checked.gx_html:
+        store.write_text("gx_validation.html", checked.gx_html)
+    report("check", checked.rows_in, checked.rows_in)
+    if checked.verdict in ("failed", "error"):
+        raise ContractFailed(checked, s.contract.fail_bad_share)
+    store.write("sample", run.sample)
+    store.write("strata", pl.DataFrame(run.represent["strata"]))
+    store.write_json("representativeness.json", {k: v for k, v in run.represent.items() if k != "strata"})
+    report("sample", run.sample.height, run.sample.height)
+    return checked, run.data_hash, run.sample, run.strata, run.population, run.represent
+
+
 def stage_sample(valid: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any]]:
     """Population of turns after filters → stratified sample, strata table, representativeness."""
     sample, strata, population, rep = draw_sample(valid, s)
@@ -164,6 +191,41 @@ class ReplayChunksFailed(RuntimeError):
             f"the completed chunks are in {store_uri} and their model calls in the cache, so a "
             "rerun repeats only the failed chunks' calls")
         self.failures = failures
+
+
+def deid_applies(s: Settings, sample: pl.DataFrame) -> tuple[bool, str]:
+    """Whether the run de-identifies its sampled conversations, and why (run.deid)."""
+    if s.run.deid is not True and s.run.deid is not False:  # auto
+        from tasks.synthetic.profiles import PROFILE_NAMES
+
+        if s.run.data is None:
+            return False, "auto: the bundled SYNTHETIC logs"
+        if sample.height and set(sample["model"].to_list()) <= set(PROFILE_NAMES):
+            return False, "auto: SYNTHETIC logs (every logged model is a scripted profile)"
+        return True, "auto: real data"
+    return bool(s.run.deid), f"run.deid: {str(s.run.deid).lower()}"
+
+
+def stage_deid(sample: pl.DataFrame, valid: pl.DataFrame, s: Settings,
+               store: RunStore) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The sampled conversations, de-identified (run.deid) before any model sees them.
+
+    Everything downstream (replay, simulator, judges, traces, the stored `conversations`) reads
+    these; the mapping from values to placeholders is dropped with each conversation's
+    Deidentifier. Writes deid.json: whether it applied, why, and counts per kind.
+    """
+    from tasks.deid import deid_frame
+
+    convs = valid.join(sample.select("conversation_id").unique(), on="conversation_id", how="semi")
+    applied, why = deid_applies(s, sample)
+    info: dict[str, Any] = {"applied": applied, "why": why, "conversations": convs.height}
+    if applied:
+        report("de-identify", 0, convs.height)
+        convs, counts = deid_frame(convs)
+        info.update(counts)
+        report("de-identify", convs.height, convs.height)
+    store.write_json("deid.json", info)
+    return convs, info
 
 
 def plan_chunks(sample: pl.DataFrame, valid: pl.DataFrame, size: int) -> list[ReplayChunk]:
@@ -594,6 +656,8 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                     "sample.psi": ctx["representativeness"]["psi"],
                     "sample.chi_square": ctx["representativeness"]["chi_square"],
                     "sample.empty_strata": len(ctx["representativeness"]["empty_strata"]),
+                    **{f"deid.{k}": v for k, v in (ctx.get("deid") or {}).items()
+                       if isinstance(v, int) and not isinstance(v, bool)},
                     "replay.model_calls": ctx["model_calls"], "replay.cache_hits": ctx["cache_hits"],
                     "replay.retries": ctx["retries"],
                     **{f"replay.{k}": v for k, v in ctx.items() if k.startswith("simulator_") and isinstance(v, int)},
@@ -664,6 +728,7 @@ def run_tags(ctx: dict[str, Any], s: Settings) -> dict[str, str]:
     revision = code_revision()
     tags = {"depsim.verdict": ctx["verdict"], "depsim.candidate": ctx["candidate"],
             "depsim.baseline": ctx["baseline"], "depsim.world": world["name"],
+            "depsim.deid": "on" if (ctx.get("deid") or {}).get("applied") else "off",
             "depsim.world.candidate": "synthetic" if world["candidate_synthetic"] else "real",
             "depsim.world.data": "synthetic" if world["data_synthetic"] else "real",
             "depsim.run_key": ctx["run_key"], "depsim.dataset_digest": ctx["dataset_hash"],

@@ -23,7 +23,7 @@ What to do is chosen per request from the model name, `<behaviour>[@<delay_ms>][
 Every completion reports usage prompt_tokens=100, completion_tokens=20. `--max-inflight N`
 admits at most N requests at a time and queues the rest (a vLLM-style server). GET /stats
 gives counters by model name and the largest number in flight; GET /log the request log
-(with each request's tool_choice).
+(with each request's tool_choice), GET /bodies every chat request body as received.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class State:
     by_model: Counter[str] = field(default_factory=Counter)
     attempts: Counter[str] = field(default_factory=Counter)   # per (model, body hash)
     log: list[dict[str, Any]] = field(default_factory=list)
+    bodies: list[str] = field(default_factory=list)            # every chat request body, as received
     in_flight: int = 0
     in_flight_max: int = 0
 
@@ -160,8 +161,11 @@ class Server:
                                         "in_flight_max": st.in_flight_max}).encode()
         if method == "GET" and path.endswith("/log"):
             return 200, {}, json.dumps(st.log).encode()
+        if method == "GET" and path.endswith("/bodies"):
+            return 200, {}, json.dumps(st.bodies).encode()
         if method != "POST" or not path.endswith("/chat/completions"):
             return 404, {}, _error(404, f"no route {method} {path}")
+        st.bodies.append(body.decode("utf-8", "replace"))
         try:
             req = json.loads(body)
             model, messages = str(req["model"]), list(req["messages"])
@@ -239,6 +243,10 @@ class ServerProcess:
 
     def log(self) -> list[dict[str, Any]]:
         return httpx.get(f"{self.url}/log", timeout=5).json()
+
+    def bodies(self) -> list[str]:
+        """Every chat request body the server received, as text."""
+        return list(httpx.get(f"{self.url}/bodies", timeout=5).json())
 
     def stop(self) -> None:
         """Stop the process by its pid (SIGTERM, then SIGKILL)."""
