@@ -104,16 +104,21 @@ def claim(c: Any, name: str, version: str, owner: str, settle_s: float = 1.0) ->
 
 def write_back(c: Any, name: str, version: str, verdict: str, run_id: str | None = None,
                error: str | None = None, pass_alias: str | None = None) -> dict[str, str]:
-    """Tag the version with the verdict (and run, report or error); alias it on PASS."""
-    tags = {VERDICT: verdict, "depsim.verdict_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    """Tag the version with the verdict (and run, report or error); alias it on PASS.
+
+    The verdict tag is written last: whoever sees it (a poller, a dashboard, a test) finds the
+    run, report, error and alias already there.
+    """
+    tags = {"depsim.verdict_at": datetime.now(UTC).isoformat(timespec="seconds")}
     if run_id:
         tags.update({"depsim.run_id": run_id, "depsim.report": f"runs:/{run_id}/report.html"})
     if error:
         tags["depsim.error"] = error[:4000]
-    for k, val in tags.items():
-        c.set_model_version_tag(name, version, k, val)
+    tags[VERDICT] = verdict
     if verdict == "PASS" and pass_alias:
         c.set_registered_model_alias(name, pass_alias, version)
+    for k, val in tags.items():
+        c.set_model_version_tag(name, version, k, val)
     return tags
 
 

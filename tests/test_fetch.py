@@ -86,3 +86,22 @@ def test_quarantined_conversations_are_replaced_in_draw_order(logs: dict[str, An
     if not lost:
         probs = sample["inclusion_prob"] * sample["weight"]
         assert probs.min() == pytest.approx(1.0) and probs.max() == pytest.approx(1.0)
+
+
+def test_a_log_rewritten_by_polars_scans_the_same(tmp_path: Path) -> None:
+    """Polars writes dictionary columns with unsigned indices (and struct fields for labels): the
+    scan and the fetch read such a file like the original."""
+    import subprocess
+    import sys
+
+    from tasks.scan import scan_turns
+
+    original = tmp_path / "synth.parquet"
+    subprocess.run([sys.executable, "-m", "flows.cli", "synth-logs", "--out", str(original), "--n", "200"],
+                   check=True, capture_output=True)
+    rewritten = tmp_path / "rewritten.parquet"
+    pl.read_parquet(original).write_parquet(rewritten)
+    assert scan_turns(str(rewritten)).turns.height == scan_turns(str(original)).turns.height > 200
+    s = load_settings(overrides={"run": {"data": str(rewritten)}, "sample": {"n": 60}})
+    run = scan_fetch_check(s)
+    assert run.checked.rows_quarantined == 0 and run.sample.height == 60

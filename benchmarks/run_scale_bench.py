@@ -1,0 +1,77 @@
+"""Benchmark: `depsim run` end to end on a 10M-turn Parquet log (issue 13).
+
+    python benchmarks/run_scale_bench.py                        # 10M turns, scan path; 1M, both paths
+    python benchmarks/run_scale_bench.py --json
+
+Makes the SYNTHETIC logs once (`depsim synth-logs --turns N`, under --data-dir, shared with
+benchmarks/sample_bench.py), then runs `depsim run --data LOG --n 2000 --json` in a fresh process
+(wall, CPU and peak RSS of that process by os.wait4; the temporary Prefect server is a process of
+its own and not counted): the scan -> sample -> fetch -> check path. At --small turns it also runs
+the full loader (`DEPSIM_SAMPLE__SCAN=off`: load and contract-check every conversation, then
+sample) side by side, the path every run took before. Targets at 10M turns: <= 120 s, <= 2 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_bench import ensure_log
+
+
+def run(log: Path, n: int, tmp: str, tag: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One `depsim run` in a fresh process: wall s, CPU s, peak RSS (os.wait4) and what it printed."""
+    cmd = ["depsim", "run", "--data", str(log), "--n", str(n), "--store", f"{tmp}/{tag}",
+           "--tracking-uri", f"sqlite:///{tmp}/{tag}.db", "--json"]
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+    if code not in (0, 1, 3):  # 1 FAIL and 3 INCONCLUSIVE are finished runs too
+        raise SystemExit(f"{' '.join(cmd)} exited {code}:\n{err[-2000:]}")
+    got = json.loads(out)
+    contract = got["contract"]
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_gib": round(usage.ru_maxrss * 1024 / 1024**3, 2), "exit": code, "verdict": got["verdict"],
+            "sampled_turns": got["sampled_turns"], "population_turns": got["population_turns"],
+            "checked": contract.get("levels") or {k: contract[k] for k in ("rows_in", "rows_passed", "rows_quarantined")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--turns", type=int, default=10_000_000)
+    ap.add_argument("--small", type=int, default=1_000_000)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--data-dir", default=".bench-data")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    result: dict[str, Any] = {"n": args.n, "cores": os.cpu_count(), "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (args.small, args.turns):
+            log, _ = ensure_log(Path(args.data_dir), size)
+            entry: dict[str, Any] = {"log_bytes": log.stat().st_size,
+                                     "scan": run(log, args.n, tmp, f"scan-{size}")}
+            if size == args.small:
+                entry["full_loader"] = run(log, args.n, tmp, f"full-{size}", {"DEPSIM_SAMPLE__SCAN": "off"})
+            result["runs"][str(size)] = entry
+            if not args.json:
+                print(f"{size:>11,} turns: {json.dumps(entry)}", flush=True)
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
