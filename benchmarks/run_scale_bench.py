@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=1_000_000)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--data-dir", default=".bench-data")
+    ap.add_argument("--no-full", action="store_true", help="skip the full loader at --small turns (slow)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result: dict[str, Any] = {"n": args.n, "cores": os.cpu_count(), "runs": {}}
@@ -64,7 +65,7 @@ def main() -> None:
             log, _ = ensure_log(Path(args.data_dir), size)
             entry: dict[str, Any] = {"log_bytes": log.stat().st_size,
                                      "scan": run(log, args.n, tmp, f"scan-{size}")}
-            if size == args.small:
+            if size == args.small and not args.no_full:
                 entry["full_loader"] = run(log, args.n, tmp, f"full-{size}", {"DEPSIM_SAMPLE__SCAN": "off"})
             result["runs"][str(size)] = entry
             if not args.json:

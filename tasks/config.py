@@ -152,6 +152,12 @@ class SampleCfg(BaseModel):
     # auto: `depsim sample` scans Parquet logs lazily (no message content read, no full contract
     # check) unless dedupe or a "labels" prior needs whole conversations; off: always load fully.
     scan: Literal["auto", "off"] = "auto"
+
+    @field_validator("scan", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (in a file or DEPSIM_SAMPLE__SCAN=off) as false.
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
     surfaces: list[str] = []
     task_types: list[str] = []
     languages: list[str] = []
