@@ -61,17 +61,32 @@ def contract_check(raw: pl.DataFrame, s: Settings) -> CheckResult:
 
 
 def stage_check(raw: pl.DataFrame, s: Settings, store: RunStore) -> CheckResult:
-    result = contract_check(raw, s)
+    return _checked(contract_check(raw, s), s, store)
+
+
+def _checked(result: CheckResult, s: Settings, store: RunStore) -> CheckResult:
+    """Write a contract check's results to the run store; stop the run when it failed.
+
+    Raises:
+        ContractFailed: the bad share is over contract.fail_bad_share (or GX failed).
+    """
     store.write("quarantine", result.quarantine)
     store.write_json("contract_check.json", {**result.summary(), "checks": result.checks})
     if result.gx_result is not None:
         store.write_json("gx_validation.json", result.gx_result)
     if result.gx_html:
         store.write_text("gx_validation.html", result.gx_html)
-    report("check", raw.height, raw.height)
+    report("check", result.rows_in, result.rows_in)
     if result.verdict in ("failed", "error"):
         raise ContractFailed(result, s.contract.fail_bad_share)
     return result
+
+
+def _write_sample(sample: pl.DataFrame, rep: dict[str, Any], store: RunStore) -> None:
+    store.write("sample", sample)
+    store.write("strata", pl.DataFrame(rep["strata"]))
+    store.write_json("representativeness.json", {k: v for k, v in rep.items() if k != "strata"})
+    report("sample", sample.height, sample.height)
 
 
 def stage_scan_sample(s: Settings, store: RunStore) -> tuple[CheckResult, str, pl.DataFrame, pl.DataFrame, int, dict[str, Any]]:
@@ -84,30 +99,15 @@ def stage_scan_sample(s: Settings, store: RunStore) -> tuple[CheckResult, str, p
     from tasks.fetch import scan_fetch_check
 
     run = scan_fetch_check(s, progress=report)
-    checked = run.checked
-    store.write("quarantine", checked.quarantine)
-    store.write_json("contract_check.json", {**checked.summary(), "checks": checked.checks})
-    if checked.gx_result is not None:
-        store.write_json("gx_validation.json", checked.gx_result)
-    if checked.gx_html:
-        store.write_text("gx_validation.html", checked.gx_html)
-    report("check", checked.rows_in, checked.rows_in)
-    if checked.verdict in ("failed", "error"):
-        raise ContractFailed(checked, s.contract.fail_bad_share)
-    store.write("sample", run.sample)
-    store.write("strata", pl.DataFrame(run.represent["strata"]))
-    store.write_json("representativeness.json", {k: v for k, v in run.represent.items() if k != "strata"})
-    report("sample", run.sample.height, run.sample.height)
+    checked = _checked(run.checked, s, store)
+    _write_sample(run.sample, run.represent, store)
     return checked, run.data_hash, run.sample, run.strata, run.population, run.represent
 
 
 def stage_sample(valid: pl.DataFrame, s: Settings, store: RunStore) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any]]:
     """Population of turns after filters → stratified sample, strata table, representativeness."""
     sample, strata, population, rep = draw_sample(valid, s)
-    store.write("sample", sample)
-    store.write("strata", pl.DataFrame(rep["strata"]))
-    store.write_json("representativeness.json", {k: v for k, v in rep.items() if k != "strata"})
-    report("sample", sample.height, sample.height)
+    _write_sample(sample, rep, store)
     return sample, strata, population, rep
 
 
