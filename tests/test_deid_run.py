@@ -110,8 +110,11 @@ def test_no_planted_identifier_reaches_the_candidate(tmp_path: Path, server: Ser
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli(["run", "--config", str(cfg), "--data", str(data), "--n", "30", "--tracking-uri", uri,
                     "--store", str(tmp_path / "store"), "--json"], cwd=tmp_path)
-    assert proc.returncode in (0, 1, 3), proc.stderr[-3000:]
+    # The candidate only ever answers "done": no category can FAIL, and 30 turns are too few to
+    # PASS any limit (the upper bound at 0 of 30 is over 10%).
+    assert proc.returncode == 3, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
+    assert out["verdict"] == "INCONCLUSIVE"
     assert out["sampled_turns"] == 30 and out["deid"]["applied"] is True
     assert out["deid"]["conversations_changed"] == 15 and out["deid"]["EMAIL"] == 15
 
