@@ -1,18 +1,20 @@
-"""Contract-check throughput: load_raw + check_conversations over 100,000 conversations, one process.
+"""Contract-check throughput and memory over 100,000 conversations (issue 13).
 
 The input is SYNTHETIC production logs (tasks.synthetic.logs.generate, ~2 ms per conversation).
 By default `--base` (10,000) distinct conversations are generated and repeated with fresh
 conversation_ids up to `--rows` (100,000); `--base` equal to `--rows` generates every row. The file
-is cached under /tmp and reused when it already holds the requested rows; it is written by a child
-process so that generation does not count in this process's peak RSS.
+is cached under /tmp and reused when it already holds the requested rows.
 
-The timed part is exactly what `depsim check` does after parsing its arguments: tasks.load.load_raw
-then tasks.check.check_conversations with the contract and the default warn/fail shares, including
-the Great Expectations context start (cold, ~4 s). Prints one JSON summary on stdout: rows,
-seconds (and the load/check split), rows/s, peak RSS (resource.getrusage), and whether the 60 s
-target is met. Run from the repository root:
+Two modes, side by side, each in a fresh process (its own peak RSS, a cold Great Expectations
+import): `stream`, exactly what `depsim check` does after parsing its arguments
+(tasks.check_stream.stream_check: each line parsed once, checked in worker processes, only the
+valid rows' projection kept, GX on that projection); and `full`, the flow's full loader
+(tasks.load.load_raw then tasks.check.check_conversations, conversation text kept). Prints one
+JSON object: per mode wall seconds, rows/s, CPU seconds (workers included), the peak RSS of the
+process and of its largest worker. Targets for `stream`: <= 20 s, <= 1 GiB. Run from the
+repository root:
 
-    python benchmarks/check_bench.py [--rows 100000] [--base 10000] [--profile [--top 30]]
+    python benchmarks/check_bench.py [--rows 100000] [--base 10000] [--modes stream,full] [--profile]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-TARGET_S = 60.0
+TARGETS = {"stream": {"seconds": 20.0, "peak_rss_mib": 1024.0}}
 MODEL = "synthetic-agent-v1"
 
 
@@ -72,43 +74,36 @@ def ensure_input(rows: int, base: int, seed: int) -> tuple[Path, bool, float]:
     return path, False, time.perf_counter() - t0
 
 
-def timed_check(path: Path) -> dict[str, object]:
+def timed_check(path: Path, mode: str, workers: int | None) -> dict[str, object]:
     from tasks.check import check_conversations, load_contract
+    from tasks.check_stream import stream_check
     from tasks.config import load_settings
     from tasks.load import load_raw
 
     settings = load_settings(None, {})
+    contract = load_contract(settings.contract.file)
+    warn, fail = settings.contract.warn_bad_share, settings.contract.fail_bad_share
     t0 = time.perf_counter()
-    raw = load_raw(str(path))
-    t1 = time.perf_counter()
-    result = check_conversations(raw, load_contract(settings.contract.file), settings.contract.warn_bad_share,
-                                 settings.contract.fail_bad_share)
+    split: dict[str, float] = {}
+    if mode == "stream":
+        result = stream_check(str(path), contract, warn, fail, workers=workers)
+    else:
+        raw = load_raw(str(path))
+        split["load_s"] = round(time.perf_counter() - t0, 2)
+        result = check_conversations(raw, contract, warn, fail)
     t2 = time.perf_counter()
     assert result.rows_in == result.rows_passed + result.rows_quarantined
-    return {"rows": result.rows_in, "rows_passed": result.rows_passed, "rows_quarantined": result.rows_quarantined,
-            "verdict": result.verdict, "seconds": round(t2 - t0, 2), "load_s": round(t1 - t0, 2),
-            "check_s": round(t2 - t1, 2), "rows_per_s": round(result.rows_in / (t2 - t0))}
+    return {"mode": mode, "rows": result.rows_in, "rows_passed": result.rows_passed,
+            "rows_quarantined": result.rows_quarantined, "verdict": result.verdict, "seconds": round(t2 - t0, 2),
+            **split, "rows_per_s": round(result.rows_in / (t2 - t0))}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--base", type=int, default=10_000, help="distinct generated conversations (≤ rows)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", action="store_true", help="run under cProfile; top functions go to stderr")
-    ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    args.base = min(args.base, args.rows)
-    if args.generate_only:
-        generate_file(cache_path(args.rows, args.base, args.seed), args.rows, args.base, args.seed)
-        return
-
-    path, reused, gen_s = ensure_input(args.rows, args.base, args.seed)
+def one(args: argparse.Namespace, path: Path) -> dict[str, object]:
+    """One mode in this process (called in a fresh child by main)."""
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
-    summary = timed_check(path)
+    summary = timed_check(path, args.mode, args.workers)
     if profiler:
         profiler.disable()
         out = io.StringIO()
@@ -116,14 +111,50 @@ def main() -> None:
         stats.print_stats(args.top)
         stats.sort_stats("tottime").print_stats(args.top)
         print(out.getvalue(), file=sys.stderr)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     summary.update({
-        "peak_rss_mb": round(peak_kib / 1024, 1), "target_s": TARGET_S,
-        "within_target": summary["seconds"] <= TARGET_S, "profiled": bool(profiler),
-        "input": str(path), "input_mb": round(path.stat().st_size / 2**20, 1), "distinct_conversations": args.base,
-        "input_reused": reused, "generate_s": round(gen_s, 1), "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    })
+        "peak_rss_mib": round(own.ru_maxrss / 1024, 1),  # KiB on Linux
+        "worker_peak_rss_mib": round(kids.ru_maxrss / 1024, 1),  # the largest worker process (0: none)
+        "cpu_s": round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 1),
+        "profiled": bool(profiler)})
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--base", type=int, default=10_000, help="distinct generated conversations (≤ rows)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="stream,full",
+                    help="stream: what `depsim check` does; full: load_raw + check_conversations (the flow's full loader)")
+    ap.add_argument("--workers", type=int, default=None, help="stream mode: worker processes (default: auto)")
+    ap.add_argument("--profile", action="store_true", help="run under cProfile; top functions go to stderr")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.base = min(args.base, args.rows)
+    if args.generate_only:
+        generate_file(cache_path(args.rows, args.base, args.seed), args.rows, args.base, args.seed)
+        return
+    path, reused, gen_s = ensure_input(args.rows, args.base, args.seed)
+    if args.mode:
+        print(json.dumps(one(args, path)))
+        return
+    summary: dict[str, object] = {
+        "input": str(path), "input_mb": round(path.stat().st_size / 2**20, 1), "rows": args.rows,
+        "distinct_conversations": args.base, "input_reused": reused, "generate_s": round(gen_s, 1),
+        "cpus": os.cpu_count(), "python": platform.python_version(), "targets": TARGETS}
+    for mode in args.modes.split(","):  # each in a fresh process: its own peak RSS, a cold GX import
+        cmd = [sys.executable, __file__, "--mode", mode, "--rows", str(args.rows), "--base", str(args.base),
+               "--seed", str(args.seed), "--top", str(args.top)]
+        cmd += ["--profile"] if args.profile else []
+        cmd += ["--workers", str(args.workers)] if args.workers else []
+        got = json.loads(subprocess.run(cmd, check=True, capture_output=not args.profile, text=True,
+                                        stdout=subprocess.PIPE if args.profile else None).stdout)
+        summary[mode] = got
+        print(f"{mode}: {json.dumps(got)}", file=sys.stderr)
     print(json.dumps(summary))
 
 

@@ -58,15 +58,28 @@ def check(
 
     Real-world variants (object arguments, missing ids, missing tool schemas, agent/human roles, terminal escape codes in tool output) are normalised first and counted. Conversations with a made-up tool call or an empty assistant reply are kept and flagged (real model behaviour, not bad data).
     """
-    from tasks.load import InputError, load_raw
-    from tasks.stages import contract_check
+    from tasks.check import load_contract
+    from tasks.check_stream import stream_check
+    from tasks.load import InputError
 
     s = _settings(config, {"run": {"data": data}} if data else {}, as_json)
+
+    ticked: list[int] = []
+
+    def tick(rows: int) -> None:
+        if not as_json:
+            typer.echo(f"\r  {rows:,} rows checked", nl=False, err=True)
+            ticked.append(rows)
+
     try:
-        raw = load_raw(s.run.data)
+        result = stream_check(s.run.data, load_contract(s.contract.file), s.contract.warn_bad_share,
+                              s.contract.fail_bad_share, progress=tick)
     except InputError as exc:
+        if ticked:
+            typer.echo("", err=True)
         _fail(str(exc), as_json)
-    result = contract_check(raw, s)
+    if ticked:
+        typer.echo("", err=True)
     summary = result.summary()
     if quarantine is not None:
         try:

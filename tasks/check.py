@@ -15,11 +15,12 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
+import orjson
 import polars as pl
 import yaml
 
 from tasks.normalise import normalise_record
-from tasks.records import CONVERSATION_SCHEMA, QUARANTINE_SCHEMA
+from tasks.records import CONVERSATION_SCHEMA, QUARANTINE_SCHEMA, RAW_SCHEMA
 
 VERDICTS = ("passed", "warning", "failed", "error")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -112,7 +113,7 @@ def _content_text(content: Any) -> str:
 
 
 def check_record(rec: dict[str, Any], contract: dict[str, Any], tools_inferred: bool = False,
-                 flags: list[Violation] | None = None) -> dict[str, Any]:
+                 flags: list[Violation] | None = None, keep_text: bool = True) -> dict[str, Any]:
     """Apply every row rule to one record; return the typed row or raise the first Violation.
     What breaks a flag rule (real model behaviour, e.g. an empty reply) is appended to `flags`
     and the record is kept."""
@@ -153,12 +154,15 @@ def check_record(rec: dict[str, Any], contract: dict[str, Any], tools_inferred: 
         if not isinstance(value, bool):
             raise Violation("labels_bool", f"labels.{key}", f"label {key!r} must be a boolean, got {type(value).__name__}")
     _check_messages(messages, declared, bool(tools), contract, flags if flags is not None else [])
-    return {
+    typed = {
         "conversation_id": rec["conversation_id"], "model": rec["model"], "created_at": created,
         "surface": rec.get("surface"), "task_type": rec.get("task_type"), "language": rec.get("language"),
-        "tools": json.dumps(tools, ensure_ascii=False), "messages": json.dumps(messages, ensure_ascii=False),
-        "labels": json.dumps(labels), "n_messages": len(messages), "tools_inferred": tools_inferred,
+        "n_messages": len(messages), "tools_inferred": tools_inferred,
     }
+    if keep_text:
+        typed.update(tools=json.dumps(tools, ensure_ascii=False), messages=json.dumps(messages, ensure_ascii=False),
+                     labels=json.dumps(labels))
+    return typed
 
 
 def _check_messages(messages: list[Any], declared: set[str], has_tools: bool, contract: dict[str, Any],
@@ -205,7 +209,7 @@ def _check_messages(messages: list[Any], declared: set[str], has_tools: bool, co
                 if not isinstance(args, str):
                     raise Violation("arguments_json", f"{cw}.function.arguments", f"{cw}: arguments must be a JSON string, got {type(args).__name__}")
                 try:
-                    parsed = json.loads(args) if args.strip() else {}
+                    parsed = loads(args) if args.strip() else {}
                 except (json.JSONDecodeError, RecursionError):
                     raise Violation("arguments_json", f"{cw}.function.arguments", f"{cw}: arguments are not valid JSON") from None
                 if not isinstance(parsed, dict):
@@ -276,95 +280,157 @@ def _gx_checks(frame: pl.DataFrame, contract: dict[str, Any]) -> tuple[list[dict
     return checks, result, bad
 
 
+_UNSET: Any = object()
+
+
+def loads(text: str) -> Any:
+    """Parse JSON text exactly as json.loads does, several times faster.
+
+    orjson parses what it can (strict RFC 8259); anything it refuses (NaN, integers beyond 64
+    bits, lone surrogate escapes) goes to json.loads, and so does text that could nest deeper
+    than json.loads recurses (orjson has no depth limit), so what parses, what it parses to,
+    and the error for what does not, are the standard library's.
+    """
+    if text.count("{") + text.count("[") >= 400:  # may nest deeper than json.loads recurses: its verdict
+        return json.loads(text)
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def check_row(source_file: str, source_line: int, record: str | None, parse_error: str | None,
+              excerpt: str | None, contract: dict[str, Any], normalised: Counter[str], keep_text: bool = True,
+              parsed: Any = _UNSET) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
+    """One raw row through normalisation and every row rule: (typed row, None, flags) when it
+    passes, (None, quarantine row, []) when it does not. `parsed` is the record already parsed
+    (the streaming check parses each line once); `keep_text=False` leaves tools, messages and
+    labels out of the typed row (the standalone check keeps only what it reports on)."""
+    def reject(cid: Any, rule: str, fld: str, reason: str, text: str | None = None) -> dict[str, Any]:
+        shown = (record if text is None else text) or ""
+        return {"source_file": source_file, "source_line": source_line,
+                "conversation_id": _printable(cid) if isinstance(cid, str) else None, "rule": rule,
+                "field": fld, "reason": _printable(reason), "record": _printable(shown[:2000])}
+
+    if record is None:
+        return None, reject(None, "json_parse", "", parse_error or "unreadable line", excerpt or ""), []
+    rec: Any = None
+    try:
+        rec = loads(record) if parsed is _UNSET else parsed
+        if not isinstance(rec, dict):
+            raise Violation("json_parse", "", f"expected a JSON object, got {type(rec).__name__}")
+        if _SURROGATE_ESCAPE.search(record):
+            _check_encoding(rec)
+        rec, inferred = normalise_record(rec, normalised)
+        flags: list[Violation] = []
+        typed = check_record(rec, contract, inferred, flags, keep_text)
+    except Violation as v:
+        return None, reject(rec.get("conversation_id") if isinstance(rec, dict) else None, v.rule, v.field, v.reason), []
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return None, reject(None, "json_parse", "", f"invalid JSON: {type(exc).__name__}"), []
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:  # hostile shapes
+        return None, reject(rec.get("conversation_id") if isinstance(rec, dict) else None, "message_shape", "",
+                            f"malformed record: {type(exc).__name__}: {str(exc)[:120]}"), []
+    typed["source_file"], typed["source_line"] = source_file, source_line
+    return typed, None, [{"source_file": source_file, "source_line": source_line,
+                          "conversation_id": typed["conversation_id"], "rule": f.rule, "field": f.field,
+                          "reason": _printable(f.reason)} for f in flags]
+
+
+# The typed columns without the conversation text: what the standalone check keeps per valid
+# row, and what Great Expectations validates (never a pandas copy of the messages).
+PROJECTION = [c for c in CONVERSATION_SCHEMA if c not in ("tools", "messages", "labels")]
+
+
+class ContractCheck:
+    """Collects checked rows in input order (ids unique across the input), then runs Great
+    Expectations on the valid rows' projection and gives the verdict."""
+
+    def __init__(self, contract: dict[str, Any], warn_share: float, fail_share: float, keep_text: bool = True) -> None:
+        self.contract, self.warn_share, self.fail_share, self.keep_text = contract, warn_share, fail_share, keep_text
+        self.good: list[dict[str, Any]] = []
+        self.quarantine: list[dict[str, Any]] = []
+        self.flagged: list[dict[str, Any]] = []
+        self.normalised: Counter[str] = Counter()
+        self.seen: dict[str, tuple[str, int]] = {}
+        self.rows_in = 0
+
+    def add(self, typed: dict[str, Any] | None, rejected: dict[str, Any] | None, flags: list[dict[str, Any]]) -> None:
+        self.rows_in += 1
+        if typed is None:
+            assert rejected is not None
+            self.quarantine.append(rejected)
+            return
+        cid = typed["conversation_id"]
+        if cid in self.seen:
+            f, line = self.seen[cid]
+            self.quarantine.append({"source_file": typed["source_file"], "source_line": typed["source_line"],
+                                    "conversation_id": _printable(cid), "rule": "unique_id", "field": "conversation_id",
+                                    "reason": _printable(f"conversation_id {cid!r} already at {f}:{line}"),
+                                    "record": _printable(typed.pop("_record", "")[:2000])})
+            return
+        self.seen[cid] = (typed["source_file"], typed["source_line"])
+        typed.pop("_record", None)
+        self.flagged.extend(flags)
+        self.good.append(typed)
+
+    def finish(self) -> CheckResult:
+        contract = self.contract
+        schema = CONVERSATION_SCHEMA if self.keep_text else {c: CONVERSATION_SCHEMA[c] for c in PROJECTION}
+        valid = pl.DataFrame(self.good, schema=schema)
+        self.good = []
+        quarantine, checks = self.quarantine, []
+        gx_json: dict[str, Any] | None = None
+        gx_html: str | None = None
+        engine_error = False
+        try:
+            gx_checks, gx_live, bad = _gx_checks(valid.select(PROJECTION), contract)
+            gx_json, gx_html = gx_live.to_json_dict(), render_gx_html(gx_live)
+            checks.extend(gx_checks)
+            if bad:
+                rows = valid.select("source_file", "source_line", "conversation_id")
+                for idx, (rule, reason) in sorted(bad.items()):
+                    f, line, cid = rows.row(idx)
+                    quarantine.append({"source_file": f, "source_line": line, "conversation_id": cid, "rule": rule,
+                                       "field": reason.split(":")[0], "reason": reason, "record": ""})
+                valid = valid.with_row_index("_i").filter(~pl.col("_i").is_in(list(bad))).drop("_i")
+        except Exception as exc:  # engine failure is a ranked `error` verdict, never a crash
+            engine_error = True
+            checks.append({"check": "great_expectations", "engine": "great_expectations",
+                           "verdict": "error", "unexpected": 0, "error": f"{type(exc).__name__}: {exc}"})
+        q = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA)
+        by_rule = {r: c for r, c in q.group_by("rule").len().iter_rows()} if q.height else {}
+        verdict = share_verdict(q.height, self.rows_in, self.warn_share, self.fail_share)
+        if valid.height == 0:
+            verdict = "failed"
+        if engine_error:
+            verdict = "error"
+        # A rule that quarantined rows is a warning while the run goes on, a failure when it stops it.
+        hit = "failed" if verdict == "failed" else "warning"
+        checks.extend({"check": f"row_rule:{rule}", "engine": "depsim",
+                       "verdict": hit if by_rule.get(rule) else "passed",
+                       "unexpected": by_rule.get(rule, 0)} for rule in contract["row_rules"])
+        flagged = self.flagged
+        if flagged and valid.height < len(self.seen):  # GX quarantined some: their flags go too
+            kept = set(valid["conversation_id"].to_list())
+            flagged = [f for f in flagged if f["conversation_id"] in kept]
+        flag_counts = Counter(f["rule"] for f in flagged)
+        checks.extend({"check": f"flag_rule:{rule}", "engine": "depsim", "verdict": "passed", "unexpected": 0,
+                       "flagged": flag_counts.get(rule, 0)} for rule in contract.get("flag_rules") or {})
+        return CheckResult(valid, q, verdict, self.rows_in, by_rule, checks, gx_json, dict(self.normalised), gx_html,
+                           self.warn_share, self.fail_share, flagged)
+
+
 def check_conversations(raw: pl.DataFrame, contract: dict[str, Any], warn_share: float,
                         fail_share: float) -> CheckResult:
-    """Validate raw rows against the contract; split into valid rows and quarantine."""
-    good: list[dict[str, Any]] = []
-    quarantine: list[dict[str, Any]] = []
-    seen: dict[str, tuple[str, int]] = {}
-    checks: list[dict[str, Any]] = []
-    normalised: Counter[str] = Counter()
-    flagged: list[dict[str, Any]] = []
-
-    def reject(row: dict[str, Any], cid: Any, rule: str, fld: str, reason: str) -> None:
-        quarantine.append({"source_file": row["source_file"], "source_line": row["source_line"],
-                           "conversation_id": _printable(cid) if isinstance(cid, str) else None, "rule": rule,
-                           "field": fld, "reason": _printable(reason), "record": _printable((row["record"] or "")[:2000])})
-
-    for row in raw.iter_rows(named=True):
-        if row["record"] is None:
-            reject(row, None, "json_parse", "", row["parse_error"] or "unreadable line")
-            quarantine[-1]["record"] = (row.get("excerpt") or "")[:2000]
-            continue
-        rec: Any = None
-        try:
-            rec = json.loads(row["record"])
-            if not isinstance(rec, dict):
-                raise Violation("json_parse", "", f"expected a JSON object, got {type(rec).__name__}")
-            if _SURROGATE_ESCAPE.search(row["record"]):
-                _check_encoding(rec)
-            rec, inferred = normalise_record(rec, normalised)
-            flags: list[Violation] = []
-            typed = check_record(rec, contract, inferred, flags)
-        except Violation as v:
-            reject(row, rec.get("conversation_id") if isinstance(rec, dict) else None, v.rule, v.field, v.reason)
-            continue
-        except (json.JSONDecodeError, RecursionError) as exc:
-            reject(row, None, "json_parse", "", f"invalid JSON: {type(exc).__name__}")
-            continue
-        except (TypeError, AttributeError, ValueError, KeyError) as exc:  # hostile shapes
-            reject(row, rec.get("conversation_id") if isinstance(rec, dict) else None, "message_shape", "",
-                   f"malformed record: {type(exc).__name__}: {str(exc)[:120]}")
-            continue
-        cid = typed["conversation_id"]
-        if cid in seen:
-            f, line = seen[cid]
-            reject(row, cid, "unique_id", "conversation_id", f"conversation_id {cid!r} already at {f}:{line}")
-            continue
-        seen[cid] = (row["source_file"], row["source_line"])
-        flagged.extend({"source_file": row["source_file"], "source_line": row["source_line"], "conversation_id": cid,
-                        "rule": f.rule, "field": f.field, "reason": _printable(f.reason)} for f in flags)
-        typed["source_file"], typed["source_line"] = row["source_file"], row["source_line"]
-        good.append(typed)
-    valid = pl.DataFrame(good, schema=CONVERSATION_SCHEMA)
-    gx_json: dict[str, Any] | None = None
-    gx_html: str | None = None
-    engine_error = False
-    try:
-        gx_checks, gx_live, bad = _gx_checks(valid, contract)
-        gx_json, gx_html = gx_live.to_json_dict(), render_gx_html(gx_live)
-        checks.extend(gx_checks)
-        if bad:
-            rows = valid.to_dicts()
-            for idx, (rule, reason) in sorted(bad.items()):
-                r = rows[idx]
-                quarantine.append({"source_file": r["source_file"], "source_line": r["source_line"],
-                                   "conversation_id": r["conversation_id"], "rule": rule,
-                                   "field": reason.split(":")[0], "reason": reason, "record": ""})
-            valid = valid.with_row_index("_i").filter(~pl.col("_i").is_in(list(bad))).drop("_i")
-    except Exception as exc:  # engine failure is a ranked `error` verdict, never a crash
-        engine_error = True
-        checks.append({"check": "great_expectations", "engine": "great_expectations",
-                       "verdict": "error", "unexpected": 0, "error": f"{type(exc).__name__}: {exc}"})
-    q = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA)
-    by_rule = {r: c for r, c in q.group_by("rule").len().iter_rows()} if q.height else {}
-    verdict = share_verdict(q.height, raw.height, warn_share, fail_share)
-    if valid.height == 0:
-        verdict = "failed"
-    if engine_error:
-        verdict = "error"
-    # A rule that quarantined rows is a warning while the run goes on, a failure when it stops it.
-    hit = "failed" if verdict == "failed" else "warning"
-    checks.extend({"check": f"row_rule:{rule}", "engine": "depsim",
-                   "verdict": hit if by_rule.get(rule) else "passed",
-                   "unexpected": by_rule.get(rule, 0)} for rule in contract["row_rules"])
-    kept = set(valid["conversation_id"].to_list()) if flagged else set()
-    flagged = [f for f in flagged if f["conversation_id"] in kept]
-    flag_counts = Counter(f["rule"] for f in flagged)
-    checks.extend({"check": f"flag_rule:{rule}", "engine": "depsim", "verdict": "passed", "unexpected": 0,
-                   "flagged": flag_counts.get(rule, 0)} for rule in contract.get("flag_rules") or {})
-    return CheckResult(valid, q, verdict, raw.height, by_rule, checks, gx_json, dict(normalised), gx_html,
-                       warn_share, fail_share, flagged)
+    """Validate raw rows (RAW_SCHEMA) against the contract; split into valid rows and quarantine."""
+    check = ContractCheck(contract, warn_share, fail_share)
+    for f, line, record, error, excerpt in raw.select(list(RAW_SCHEMA)).iter_rows():
+        typed, rejected, flags = check_row(f, line, record, error, excerpt, contract, check.normalised)
+        if typed is not None:
+            typed["_record"] = record
+        check.add(typed, rejected, flags)
+    return check.finish()
 
 
 def share_verdict(bad: int, total: int, warn_share: float, fail_share: float) -> str:

@@ -86,6 +86,28 @@ def _looks_binary(head: bytes) -> bool:
     return False
 
 
+def line_row(line: bytes) -> tuple[str | None, str | None, str | None, Any]:
+    """One JSONL line as the loader reads it: (record text, parse error, excerpt, parsed object);
+    the record is None and the error says why when the line is not a JSON object."""
+    from tasks.check import loads
+
+    raw = line[:-1] if line.endswith(b"\n") else line
+    if not raw.strip():
+        return None, "empty line", raw[:500].decode("utf-8", "replace"), None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"invalid UTF-8 at byte {exc.start}", raw[:500].decode("utf-8", "replace"), None
+    try:
+        obj = loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or e.g. a 5,000-digit integer
+        return (None, f"invalid JSON: {getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')}",
+                raw[:500].decode("utf-8", "replace"), None)
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}", raw[:500].decode("utf-8", "replace"), None
+    return text, None, None, obj
+
+
 class _Columns:
     """Raw-table columns built row by row (cheaper than a list of dicts)."""
 
@@ -117,26 +139,13 @@ def _jsonl_rows(source: str, head: bytes, lines: Iterator[bytes], out: _Columns)
     before = len(out.record)
     content = False
     for lineno, line in enumerate(lines, start=1):
-        raw = line[:-1] if line.endswith(b"\n") else line
-        if not raw.strip():
-            out.add(source, lineno, None, "empty line", raw)
-            continue
-        content = True
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            out.add(source, lineno, None, f"invalid UTF-8 at byte {exc.start}", raw)
-            continue
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, or e.g. a 5,000-digit integer
-            out.add(source, lineno, None,
-                    f"invalid JSON: {getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')}", raw)
-            continue
-        if not isinstance(obj, dict):
-            out.add(source, lineno, None, f"expected a JSON object, got {type(obj).__name__}", raw)
-            continue
-        out.add(source, lineno, text)
+        content = content or bool(line.strip())
+        record, error, excerpt, _ = line_row(line)
+        out.source_file.append(source)
+        out.source_line.append(lineno)
+        out.record.append(record)
+        out.parse_error.append(error)
+        out.excerpt.append(excerpt)
     if not content:
         del out.source_file[before:], out.source_line[before:], out.record[before:]
         del out.parse_error[before:], out.excerpt[before:]
@@ -206,6 +215,9 @@ def load_raw(data: str | None) -> pl.DataFrame:
     frames: list[pl.DataFrame] = []
     for source in resolve_sources(data):
         if source.endswith(".parquet"):
+            if cols.record:  # rows stay in file order
+                frames.append(cols.frame())
+                cols = _Columns()
             frames.append(pl.DataFrame(_parquet_rows(source, _read_bytes(source)), schema=RAW_SCHEMA))
         elif source.startswith("s3://"):
             blob = _read_bytes(source)

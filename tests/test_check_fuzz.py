@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tasks.check import check_conversations, load_contract
+from tasks.check import PROJECTION, check_conversations, load_contract
+from tasks.check_stream import stream_check
 from tasks.load import InputError, load_raw
 from tasks.normalise import ROLE_MAP
 from tests.conftest import run_cli, write_jsonl
@@ -327,6 +328,12 @@ def test_gate_accounts_for_every_line_and_quarantines_every_bad_one(first: dict[
         path = Path(tmp) / "fuzz.jsonl"
         path.write_bytes(b"\n".join(blobs) + b"\n")
         result = check_conversations(load_raw(str(path)), CONTRACT, WARN, FAIL)
+        streamed = stream_check(str(path), CONTRACT, WARN, FAIL, workers=1, batch_lines=4)
+    # `depsim check` (each line parsed once, in batches) decides exactly as the flow's check does
+    assert streamed.summary() == result.summary()
+    assert streamed.quarantine.to_dicts() == result.quarantine.to_dicts()
+    assert streamed.flagged == result.flagged
+    assert streamed.valid.to_dicts() == result.valid.select(PROJECTION).to_dicts()
 
     assert result.verdict in ("passed", "warning", "failed")  # never "error": no engine failure
     assert result.rows_in == len(lines) == result.rows_passed + result.rows_quarantined
