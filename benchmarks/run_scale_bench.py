@@ -2,13 +2,17 @@
 
     python benchmarks/run_scale_bench.py                        # 10M turns, scan path; 1M, both paths
     python benchmarks/run_scale_bench.py --json
+    python benchmarks/run_scale_bench.py --formats jsonl.gz --turns 1000000 --small 1000000 --no-full
 
 Makes the SYNTHETIC logs once (`depsim synth-logs --turns N`, under --data-dir, shared with
 benchmarks/sample_bench.py), then runs `depsim run --data LOG --n 2000 --json` in a fresh process
 (wall, CPU and peak RSS of that process by os.wait4; the temporary Prefect server is a process of
 its own and not counted): the scan -> sample -> fetch -> check path. At --small turns it also runs
 the full loader (`DEPSIM_SAMPLE__SCAN=off`: load and contract-check every conversation, then
-sample) side by side, the path every run took before. Targets at 10M turns: <= 120 s, <= 2 GiB.
+sample) side by side, the path every run took before. With `jsonl.gz` in --formats the same log
+is also written as JSONL.gz (once, gzip level 1) and run the same way: a lazy scan of the JSONL
+(Arrow's JSON reader on blocks, projecting ids, strata and roles), then one more pass that
+parses only the sampled lines. Targets at 10M turns: <= 120 s, <= 2 GiB.
 """
 
 from __future__ import annotations
@@ -50,6 +54,38 @@ def run(log: Path, n: int, tmp: str, tag: str, env: dict[str, str] | None = None
             "checked": contract.get("levels") or {k: contract[k] for k in ("rows_in", "rows_passed", "rows_quarantined")}}
 
 
+def ensure_jsonl(parquet: Path) -> Path:
+    """The same log as JSONL.gz (one line per conversation, as tasks.load reads Parquet rows),
+    written once beside it by a child process (gzip level 1)."""
+    out = parquet.with_suffix(".jsonl.gz")
+    if not out.exists():
+        subprocess.run([sys.executable, __file__, "--to-jsonl", str(parquet)], check=True)
+    return out
+
+
+def to_jsonl(parquet: Path) -> None:
+    import gzip
+
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from tasks.load import parquet_records
+
+    out = parquet.with_suffix(".jsonl.gz")
+    partial = out.with_suffix(".partial")
+    pf = pq.ParquetFile(parquet)
+    line = 1
+    with gzip.open(partial, "wt", encoding="utf-8", compresslevel=1) as fh:
+        for g in range(pf.metadata.num_row_groups):
+            for start in range(0, pf.metadata.row_group(g).num_rows, 50_000):
+                frame = pl.from_arrow(pf.read_row_group(g).slice(start, 50_000))
+                assert isinstance(frame, pl.DataFrame)
+                rows = parquet_records(str(parquet), frame, range(line, line + frame.height))
+                fh.write("\n".join(r["record"] for r in rows) + "\n")
+                line += frame.height
+    partial.replace(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--turns", type=int, default=10_000_000)
@@ -57,16 +93,28 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--data-dir", default=".bench-data")
     ap.add_argument("--no-full", action="store_true", help="skip the full loader at --small turns (slow)")
+    ap.add_argument("--formats", default="parquet,jsonl.gz", help="log formats to run (the JSONL.gz copy is made once)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--to-jsonl", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.to_jsonl:
+        to_jsonl(Path(args.to_jsonl))
+        return
+    formats = args.formats.split(",")
     result: dict[str, Any] = {"n": args.n, "cores": os.cpu_count(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for size in (args.small, args.turns):
+        for size in dict.fromkeys((args.small, args.turns)):
             log, _ = ensure_log(Path(args.data_dir), size)
-            entry: dict[str, Any] = {"log_bytes": log.stat().st_size,
-                                     "scan": run(log, args.n, tmp, f"scan-{size}")}
-            if size == args.small and not args.no_full:
-                entry["full_loader"] = run(log, args.n, tmp, f"full-{size}", {"DEPSIM_SAMPLE__SCAN": "off"})
+            entry: dict[str, Any] = {}
+            if "parquet" in formats:
+                entry["log_bytes"] = log.stat().st_size
+                entry["scan"] = run(log, args.n, tmp, f"scan-{size}")
+                if size == args.small and not args.no_full:
+                    entry["full_loader"] = run(log, args.n, tmp, f"full-{size}", {"DEPSIM_SAMPLE__SCAN": "off"})
+            if "jsonl.gz" in formats:
+                gz = ensure_jsonl(log)
+                entry["jsonl_gz_bytes"] = gz.stat().st_size
+                entry["jsonl_gz_scan"] = run(gz, args.n, tmp, f"jsonl-{size}")
             result["runs"][str(size)] = entry
             if not args.json:
                 print(f"{size:>11,} turns: {json.dumps(entry)}", flush=True)

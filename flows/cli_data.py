@@ -119,7 +119,7 @@ def sample(
     allocation: Annotated[Allocation | None, typer.Option(help="How turns are shared among strata (neyman needs sample.prior). Default: sample.allocation (proportional).")] = None,
     turns: Annotated[TurnsPerConversation | None, typer.Option(help="Which turns of a conversation may be drawn. Default: sample.turns (all).")] = None,
     dedupe: Annotated[bool | None, typer.Option("--dedupe/--no-dedupe", help="Collapse near-duplicate prefixes. Default: sample.dedupe (off).")] = None,
-    scan: Annotated[bool | None, typer.Option("--scan/--no-scan", help="Read Parquet lazily, or load and contract-check whole conversations. Default: sample.scan (auto: scan Parquet when possible).")] = None,
+    scan: Annotated[bool | None, typer.Option("--scan/--no-scan", help="Scan the logs lazily (Parquet and JSONL), or load and contract-check whole conversations. Default: sample.scan (auto: Parquet, and JSONL of sample.scan_jsonl_min_mb or more).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw the stratified sample of turns (with weights) as a stage of its own.
@@ -143,7 +143,7 @@ def sample(
         if value is not None:
             over["sample"][key] = value
     if scan is not None:
-        over["sample"]["scan"] = "auto" if scan else "off"
+        over["sample"]["scan"] = "on" if scan else "off"
     if strata is not None:
         over["sample"]["strata"] = [c.strip() for c in strata.split(",") if c.strip()]
     s = _settings(config, over, as_json)
@@ -153,7 +153,8 @@ def sample(
             bar = Progress() if not as_json else None
             smp, table, population, rep, scanned = draw_sample_scan(
                 s, progress=(lambda done, total: bar("scan row groups", done, total)) if bar else None)
-            extra = {"scan": True, "rows_in": scanned.rows_in, "rows_excluded": scanned.excluded}
+            extra = {"scan": True, "rows_in": scanned.rows_in, "rows_excluded": scanned.excluded,
+                     "bad_lines": scanned.bad_lines[:20]}
         else:
             from tasks.stages import contract_check, draw_sample
 

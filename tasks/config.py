@@ -149,15 +149,17 @@ class SampleCfg(BaseModel):
     turns: Literal["all", "last", "random"] = "all"
     turns_per_conversation: int = Field(1, ge=1)
     dedupe: bool = False
-    # auto: `depsim sample` scans Parquet logs lazily (no message content read, no full contract
-    # check) unless dedupe or a "labels" prior needs whole conversations; off: always load fully.
-    scan: Literal["auto", "off"] = "auto"
+    # auto: Parquet logs are scanned lazily (no message content read, no full contract check),
+    # JSONL(.gz) logs when they total scan_jsonl_min_mb or more; on: every log is scanned; unless
+    # dedupe or a "labels" prior needs whole conversations. off: always load and check fully.
+    scan: Literal["auto", "on", "off"] = "auto"
+    scan_jsonl_min_mb: float = Field(256.0, ge=0)
 
     @field_validator("scan", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare `off` (in a file or DEPSIM_SAMPLE__SCAN=off) as false.
-        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
     surfaces: list[str] = []
     task_types: list[str] = []
     languages: list[str] = []

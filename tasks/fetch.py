@@ -35,7 +35,7 @@ from tasks.config import Settings
 from tasks.load import parquet_records, resolve_sources
 from tasks.records import RAW_SCHEMA
 from tasks.sample import representativeness, stratum_key, unit_hash
-from tasks.scan import _open, draw_sample_scan
+from tasks.scan import _open, draw_sample_scan, is_jsonl, jsonl_blocks
 
 MAX_ROUNDS = 20
 
@@ -54,11 +54,16 @@ class ScanRun:
 
 
 def data_digest(data: str | None) -> str:
-    """Content hash of the log files (their bytes, in order), without loading their rows."""
+    """A fingerprint of the log files, without loading their rows: a Parquet file's footer
+    (row-group and column-chunk sizes and offsets), a JSONL file's size and a 64 KiB sample
+    every 64 MiB (its first and last bytes included)."""
     h = hashlib.sha256()
     for source in resolve_sources(data):
-        pf = _open(source)
         h.update(source.rsplit("/", 1)[-1].encode())
+        if is_jsonl(source):
+            _jsonl_fingerprint(source, h)
+            continue
+        pf = _open(source)
         h.update(pf.metadata.serialized_size.to_bytes(8, "little"))
         h.update(str(pf.metadata.num_rows).encode())
         for g in range(pf.metadata.num_row_groups):  # column chunk statistics and sizes: the footer
@@ -70,15 +75,38 @@ def data_digest(data: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def fetch_raw(data: str | None, ids: set[str], progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
-    """The raw rows (RAW_SCHEMA) of the conversations with these ids, read from Parquet logs:
-    each row group's ids are read first; the rest of a row group only when it holds one."""
+def _jsonl_fingerprint(source: str, h: Any) -> None:
+    step, sample = 64 << 20, 64 << 10
+    if source.startswith("s3://"):
+        from tasks.store import s3_filesystem
+
+        fs, path = s3_filesystem(source)
+        f = fs.open_input_file(path)
+    else:
+        f = pa.OSFile(source)
+    with f:
+        size = f.size()
+        h.update(str(size).encode())
+        for at in [*range(0, size, step), max(0, size - sample)]:
+            f.seek(at)
+            h.update(f.read(sample))
+
+
+def fetch_raw(data: str | None, ids: set[str], progress: Callable[[int, int], None] | None = None,
+              turns: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The raw rows (RAW_SCHEMA) of the conversations with these ids.
+
+    Parquet: each row group's ids are read first; the rest of a row group only when it holds
+    one. JSONL(.gz): the lines the scan found them on (`turns`' `_file`, `_line`), read in one
+    pass that parses only those lines.
+    """
     rows: list[dict[str, Any]] = []
     wanted = pa.array(sorted(ids), type=pa.string())
     sources = resolve_sources(data)
-    groups = [(s, g) for s in sources for g in range(_open(s).metadata.num_row_groups)]
+    parquet = [s for s in sources if not is_jsonl(s)]
+    groups = [(s, g) for s in parquet for g in range(_open(s).metadata.num_row_groups)]
     done = 0
-    for source in sources:
+    for source in parquet:
         pf = _open(source)
         offset = 0
         for g in range(pf.metadata.num_row_groups):
@@ -94,7 +122,43 @@ def fetch_raw(data: str | None, ids: set[str], progress: Callable[[int, int], No
             done += 1
             if progress:
                 progress(done, len(groups))
-    return pl.DataFrame(rows, schema=RAW_SCHEMA)
+    frame = pl.DataFrame(rows, schema=RAW_SCHEMA)
+    jsonl = [(k, s) for k, s in enumerate(sources) if is_jsonl(s)]
+    if jsonl:
+        if turns is None or "_line" not in turns.columns:
+            raise ValueError("fetching from JSONL logs needs the scan's turns (their _file and _line)")
+        where = (turns.filter(pl.col("conversation_id").is_in(wanted.to_pylist()))
+                 .select("_file", "_line").unique())
+        frames = [frame]
+        for k, source in jsonl:
+            lines = where.filter(pl.col("_file") == k)["_line"].to_list()
+            if lines:
+                frames.append(_fetch_lines(source, set(lines)))
+        frame = pl.concat(frames)
+    return frame
+
+
+def _fetch_lines(source: str, lines: set[int]) -> pl.DataFrame:
+    """The raw rows of these line numbers of a JSONL(.gz) file (one pass; only they are parsed).
+    A line the file no longer has is simply absent (the caller counts it missing at fetch)."""
+    from tasks.load import line_row
+
+    out: dict[str, list[Any]] = {c: [] for c in RAW_SCHEMA}
+    ordered = sorted(lines)
+    pos = 0
+    for first, block in jsonl_blocks(source):
+        n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        if pos >= len(ordered):
+            break
+        if ordered[pos] >= first + n:
+            continue
+        split = block.split(b"\n")
+        while pos < len(ordered) and ordered[pos] < first + n:
+            record, error, excerpt, _ = line_row(split[ordered[pos] - first])
+            for c, v in zip(RAW_SCHEMA, (source, ordered[pos], record, error, excerpt), strict=True):
+                out[c].append(v)
+            pos += 1
+    return pl.DataFrame(out, schema=RAW_SCHEMA)
 
 
 def _units(turns: pl.DataFrame, s: Settings) -> pl.DataFrame:
@@ -171,7 +235,7 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
         want = set(sample["conversation_id"].to_list()) - fetched
         if not want:
             break
-        raw = fetch_raw(s.run.data, want, progress=tick("fetch sampled conversations"))
+        raw = fetch_raw(s.run.data, want, progress=tick("fetch sampled conversations"), turns=turns)
         fetched |= want
         raws.append(raw)
         found = {r["conversation_id"] for r in _ids(raw)}
@@ -188,7 +252,7 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
     table = strata.with_columns(sampled=pl.col("stratum").replace_strict(  # strata that ran out keep fewer
         dict(sample.group_by("stratum").len().iter_rows()), default=0, return_dtype=pl.Int64))
     levels = {"scan": {"rows_in": scanned.rows_in, "files": scanned.files, "excluded": scanned.excluded,
-                       "population_turns": population},
+                       "population_turns": population, "bad_lines": scanned.bad_lines[:20]},
               "fetch": {"conversations_fetched": len(fetched), "missing_at_fetch": missing,
                         "quarantined": len(bad), "turns_replaced": replaced, "turns_lost": sum(lost.values())}}
     checked.levels = levels

@@ -216,6 +216,8 @@ def render(ctx: dict[str, Any]) -> tuple[str, str]:
                          schema={"file": pl.String, "rows_passed": pl.Int64, "rows_quarantined": pl.Int64, "verdict": pl.String})
     if files.height:
         h.append(_table(files, files.columns))
+    if check.get("levels"):
+        h.append(f"<p>{html.escape(levels_line(check['levels']))}</p>")
     if check.get("by_rule"):
         h.append("<p>Quarantined rows by rule: " + ", ".join(f"<code>{html.escape(r)}</code> {n}" for r, n in check["by_rule"].items()) + "</p>")
     if check.get("flagged"):
@@ -308,3 +310,18 @@ def render_error(ctx: dict[str, Any]) -> tuple[str, str]:
           "| kind | turns |", "|---|---:|", *(f"| {_md_cell(k)} | {v} |" for k, v in counts.items()), "",
           f"Finish reasons: {finish}.", ""]
     return "".join(h), "\n".join(md)
+
+
+def levels_line(levels: dict[str, Any]) -> str:
+    """What the scan path checked at which level, in one sentence."""
+    scan, fetch = levels.get("scan") or {}, levels.get("fetch") or {}
+    excluded = ", ".join(f"{k} {v}" for k, v in (scan.get("excluded") or {}).items()) or "none"
+    return (f"Checked at two levels. The scan read {scan.get('rows_in', 0):,} rows in {scan.get('files', 0)} file(s) "
+            f"(ids, strata and roles only; left out of the population: {excluded}); the contract above applies to "
+            f"the {fetch.get('conversations_fetched', 0):,} sampled conversations fetched: "
+            f"{fetch.get('quarantined', 0)} quarantined or missing ({fetch.get('missing_at_fetch', 0)} missing at fetch), "
+            f"{fetch.get('turns_replaced', 0)} turns replaced by the next in their stratum's draw order, "
+            f"{fetch.get('turns_lost', 0)} lost."
+            + ("" if not scan.get("bad_lines") else " Lines that are not conversations: " + "; ".join(
+                f"{b['source_file']}:{b['source_line']} {b['rule']} ({b['reason']})" for b in scan["bad_lines"][:5])
+               + (" …" if len(scan["bad_lines"]) > 5 else "") + "."))

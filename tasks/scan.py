@@ -15,7 +15,8 @@ parsing the text.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.config import Settings
-from tasks.load import InputError, resolve_sources
+from tasks.load import InputError, _looks_binary, resolve_sources
 from tasks.records import TURN_SCHEMA
 from tasks.sample import (
     SampleError,
@@ -48,6 +49,17 @@ class ScanResult:
     rows_in: int = 0
     files: int = 0
     excluded: dict[str, int] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    # JSONL lines that are not conversations: (file, line, rule, reason), the first 100.
+    bad_lines: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _size(source: str) -> int:
+    """Bytes of a file to read (decompressed size unknown: the compressed one, for progress)."""
+    try:
+        return 0 if source.startswith("s3://") else os.stat(source).st_size
+    except OSError:
+        return 0
 
 
 def _open(source: str) -> pq.ParquetFile:
@@ -201,7 +213,158 @@ def _row_group_turns(source: str, g: int) -> tuple[pl.DataFrame, int, dict[str, 
     return turns_of_batch(conv, msgs), len(keep), out
 
 
-def scan_turns(data: str, progress: Callable[[int, int], None] | None = None, threads: int = 2) -> ScanResult:
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
+BLOCK_BYTES = 32 << 20
+# What the scan reads of a JSONL record (the rest of each line is tokenised, never converted).
+_MSG_ARROW = pa.list_(pa.struct([("role", pa.string()), ("tool_calls", pa.list_(pa.struct([("type", pa.string())])))]))
+_JSONL_SCHEMA = pa.schema([*((c, pa.string()) for c in CONV_COLUMNS), ("messages", _MSG_ARROW)])
+
+
+def is_jsonl(source: str) -> bool:
+    return source.endswith(JSONL_SUFFIXES)
+
+
+def _stream(source: str) -> Any:
+    """A byte stream of a JSONL(.gz) file, local or s3://, decompressed by Arrow (in C++)."""
+    compression = "gzip" if source.endswith(".gz") else None
+    try:
+        if source.startswith("s3://"):
+            from tasks.store import s3_filesystem
+
+            fs, path = s3_filesystem(source)
+            return fs.open_input_stream(path, compression=compression)
+        return pa.input_stream(source, compression=compression)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{source}: cannot read: {exc}") from exc
+
+
+def jsonl_blocks(source: str, block_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, block of whole lines) over a JSONL(.gz) file; the last
+    line may lack its newline. Names the file when it is not gzip, binary or empty."""
+    stream = _stream(source)
+    line, rest, content, first = 1, b"", False, True
+    try:
+        while True:
+            try:
+                chunk = stream.read(block_bytes or BLOCK_BYTES)
+            except (OSError, pa.ArrowException) as exc:
+                kind = "not a gzip file" if source.endswith(".gz") else "cannot read"
+                raise InputError(f"{source}: {kind}: {exc}") from exc
+            if first:
+                first = False
+                if not chunk.lstrip().startswith((b"{", b"[", b"\n")) and _looks_binary(chunk[:4096]):
+                    raise InputError(f"{source}: not a JSONL file (binary content)")
+            if not chunk:
+                break
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            block, rest = data[:cut], data[cut:]
+            if block:
+                content = content or bool(block.strip())
+                yield line, block
+                line += block.count(b"\n")
+        if rest:
+            content = content or bool(rest.strip())
+            yield line, rest
+        if not content:
+            raise InputError(f"{source}: file is empty")
+    finally:
+        stream.close()
+
+
+def _line_projection(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The scan's fields of one parsed line, or (None, rule) when the line cannot be a conversation."""
+    if not isinstance(obj, dict):
+        return None, "json_parse"
+    row: dict[str, Any] = {}
+    for c in CONV_COLUMNS:
+        v = obj.get(c)
+        if v is not None and not isinstance(v, str):
+            return None, "type"
+        row[c] = v
+    msgs = obj.get("messages")
+    if msgs is not None and not isinstance(msgs, list):
+        return None, "type"
+    out = []
+    for m in msgs or []:
+        role = m.get("role") if isinstance(m, dict) else None
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        out.append({"role": role if isinstance(role, str) else None,
+                    "tool_calls": [{"type": None}] * len(calls) if isinstance(calls, list) else None})
+    row["messages"] = out
+    return row, None
+
+
+def _block_table(source: str, first_line: int, block: bytes, bad: list[dict[str, Any]]) -> tuple[pa.Table, np.ndarray, dict[str, int]]:
+    """A block's projected table, the line number of each row, and lines left out by rule.
+
+    Arrow's JSON reader parses the block on every core; when it refuses the block (a broken
+    line, a field of another type) or its rows do not map one to one onto the lines (blank
+    lines), the block is read line by line instead, and every line that is not a conversation
+    is named in `bad` (file, line, rule, reason) and counted.
+    """
+    import io
+
+    import pyarrow.json as pj
+
+    n_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+    try:
+        tbl = pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=4 << 20),
+                           parse_options=pj.ParseOptions(explicit_schema=_JSONL_SCHEMA,
+                                                         unexpected_field_behavior="ignore"))
+        if tbl.num_rows == n_lines:
+            return tbl, np.arange(first_line, first_line + n_lines, dtype=np.int64), {}
+    except (pa.ArrowException, OSError):
+        pass
+    from tasks.load import line_row
+
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    excluded: dict[str, int] = {}
+    for k, raw in enumerate(block.split(b"\n")[:n_lines]):
+        record, error, _, obj = line_row(raw)
+        row, rule = _line_projection(obj) if record is not None else (None, "json_parse")
+        if row is None:
+            rule = rule or "json_parse"
+            excluded[rule] = excluded.get(rule, 0) + 1
+            if len(bad) < 100:
+                bad.append({"source_file": source, "source_line": first_line + k, "rule": rule,
+                            "reason": error or ("a field of the wrong type" if rule == "type" else "not a JSON object")})
+            continue
+        rows.append(row)
+        lines.append(first_line + k)
+    return pa.Table.from_pylist(rows, schema=_JSONL_SCHEMA), np.array(lines, dtype=np.int64), excluded
+
+
+def _jsonl_turns(source: str, file_idx: int, progress: Callable[[int], None] | None,
+                 bad: list[dict[str, Any]]) -> tuple[list[pl.DataFrame], int, dict[str, int]]:
+    """Turns of one JSONL(.gz) file, block by block, each carrying its file index and line."""
+    frames: list[pl.DataFrame] = []
+    rows_in = 0
+    excluded: dict[str, int] = {}
+    for first_line, block in jsonl_blocks(source):
+        tbl, lines, out = _block_table(source, first_line, block, bad)
+        rows_in += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        for key, v in out.items():
+            excluded[key] = excluded.get(key, 0) + v
+        conv = pl.from_arrow(tbl.select(list(CONV_COLUMNS)))
+        assert isinstance(conv, pl.DataFrame)
+        conv = _normalise_conv(conv).with_columns(_file=pl.lit(file_idx, pl.UInt16), _line=pl.Series(lines, dtype=pl.UInt32))
+        msgs = tbl.column("messages").combine_chunks()
+        no_id = conv["conversation_id"].is_null().to_numpy()
+        empty = np.diff(msgs.offsets.to_numpy()) == 0
+        keep = ~no_id & ~empty
+        if not keep.all():
+            conv, msgs = conv.filter(pl.Series(keep)), msgs.filter(pa.array(keep))
+        excluded["missing_conversation_id"] = excluded.get("missing_conversation_id", 0) + int(no_id.sum())
+        excluded["no_messages"] = excluded.get("no_messages", 0) + int((empty & ~no_id).sum())
+        frames.append(turns_of_batch(conv, msgs))
+        if progress:
+            progress(len(block))
+    return frames, rows_in, excluded
+
+
+def scan_turns(data: str | None, progress: Callable[[int, int], None] | None = None, threads: int = 2) -> ScanResult:
     """The turn population of Parquet logs (a file, folder, glob or s3:// prefix).
 
     Args:
@@ -221,39 +384,62 @@ def scan_turns(data: str, progress: Callable[[int, int], None] | None = None, th
     with contextlib.suppress(NotImplementedError, pa.ArrowException):
         pa.set_memory_pool(pa.jemalloc_memory_pool())  # returns freed row groups to the OS sooner
     sources = resolve_sources(data)
-    bad = [s for s in sources if not s.endswith(".parquet")]
-    if bad:
-        raise InputError(f"{bad[0]}: the lazy scan reads Parquet only (JSONL goes through the full loader)")
-    groups = [(s, g) for s in sources for g in range(_open(s).metadata.num_row_groups)]
-    if not groups:
-        raise InputError(f"{data}: no rows")
+    other = [s for s in sources if not s.endswith(".parquet") and not is_jsonl(s)]
+    if other:
+        raise InputError(f"{other[0]}: the lazy scan reads Parquet and JSONL(.gz) only")
+    parquet = [s for s in sources if s.endswith(".parquet")]
+    groups = [(s, g) for s in parquet for g in range(_open(s).metadata.num_row_groups)]
+    jsonl = [(k, s) for k, s in enumerate(sources) if is_jsonl(s)]
     excluded = {"missing_conversation_id": 0, "no_messages": 0, "duplicate_conversation_id": 0}
     frames: list[pl.DataFrame] = []
+    bad_lines: list[dict[str, Any]] = []
     rows_in = 0
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for k, (frame, n, out) in enumerate(pool.map(lambda t: _row_group_turns(*t), groups)):
-            frames.append(frame)
-            rows_in += n
-            for key, v in out.items():
-                excluded[key] += v
-            if progress:
-                progress(k + 1, len(groups))
-    turns = pl.concat(frames)
+    if groups:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for k, (frame, n, out) in enumerate(pool.map(lambda t: _row_group_turns(*t), groups)):
+                frames.append(frame)
+                rows_in += n
+                for key, v in out.items():
+                    excluded[key] += v
+                if progress:
+                    progress(k + 1, len(groups))
+    total = sum(_size(s) for _, s in jsonl)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, max(total, done))
+
+    for k, source in jsonl:
+        got, n, out = _jsonl_turns(source, k, tick, bad_lines)
+        frames += got
+        rows_in += n
+        for key, v in out.items():
+            excluded[key] = excluded.get(key, 0) + v
+    if not frames:
+        raise InputError(f"{data}: no rows")
+    turns = pl.concat(frames, how="diagonal")  # Parquet turns have no _file/_line
     firsts = turns.filter(pl.col("turn_index") == 0)["conversation_id"]
     if firsts.n_unique() != firsts.len():
         dup = firsts.value_counts().filter(pl.col("count") > 1)
         excluded["duplicate_conversation_id"] = int(dup["count"].sum())
         turns = turns.filter(~pl.col("conversation_id").is_in(dup["conversation_id"].implode()))
     turns = turns.with_columns(prefix_bucket=prefix_bucket_expr())
-    return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v})
+    return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v}, sources, bad_lines)
 
 
 def scan_eligible(s: Settings) -> bool:
-    """Whether `depsim sample` can scan the logs lazily (Parquet, no whole-conversation feature)."""
+    """Whether the logs are scanned lazily (sample.scan; no whole-conversation feature asked for)."""
     c = s.sample
     if c.scan == "off" or c.dedupe or (c.allocation == "neyman" and c.prior == "labels"):
         return False
-    return all(src.endswith(".parquet") for src in resolve_sources(s.run.data))
+    sources = resolve_sources(s.run.data)
+    if not all(src.endswith(".parquet") or is_jsonl(src) for src in sources):
+        return False
+    jsonl = [src for src in sources if is_jsonl(src)]
+    return c.scan == "on" or not jsonl or sum(_size(src) for src in jsonl) >= c.scan_jsonl_min_mb * 2**20
 
 
 def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any], ScanResult]:
@@ -266,7 +452,7 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
     unknown = [col for col in c.strata if col not in known]
     if unknown:
         raise SampleError(f"unknown stratum column(s): {', '.join(unknown)} (available: {', '.join(dict.fromkeys(known))})")
-    scanned = scan_turns(s.run.data or "", progress=progress)
+    scanned = scan_turns(s.run.data, progress=progress)
     turns = filter_turns(scanned.turns, s.run.production_models, c.created_after, c.created_before,
                          c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)
     priors = None
@@ -276,6 +462,7 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
         priors = load_priors(c.prior, turns, pl.DataFrame(), c.strata)
     sample, strata = sample_turns(turns, c.n, c.strata, s.run.seed, c.allocation, c.turns,
                                   c.turns_per_conversation, priors, c.oversample or None, c.dedupe)
-    sample = sample.with_columns(pl.col(col).cast(dtype) for col, dtype in TURN_SCHEMA.items())
+    sample = (sample.with_columns(pl.col(col).cast(dtype) for col, dtype in TURN_SCHEMA.items())
+              .drop("_file", "_line", strict=False))  # where a JSONL conversation is: for the fetch only
     scanned.turns = turns  # the population after filters: replacement draws come from it (tasks/fetch.py)
     return sample, strata, turns.height, representativeness(strata, sample), scanned

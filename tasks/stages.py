@@ -652,6 +652,7 @@ def stage_log(ctx: dict[str, Any], s: Settings, store: RunStore) -> tuple[str, s
                     **{f"contract.quarantined.{k}": v for k, v in check["by_rule"].items()},
                     **{f"contract.normalised.{k}": v for k, v in check["normalised"].items()},
                     **{f"contract.flagged.{k}": v for k, v in (check.get("flagged") or {}).items()},
+                    **_level_metrics(check.get("levels") or {}),
                     "sample.turns": ctx["sampled_turns"], "population.turns": ctx["population_turns"],
                     "sample.psi": ctx["representativeness"]["psi"],
                     "sample.chi_square": ctx["representativeness"]["chi_square"],
@@ -740,3 +741,15 @@ def run_tags(ctx: dict[str, Any], s: Settings) -> dict[str, str]:
     if not revision.startswith(("depsim-", "unknown")):
         tags["mlflow.source.git.commit"] = revision.removesuffix("+dirty")
     return tags
+
+
+def _level_metrics(levels: dict[str, Any], prefix: str = "contract.") -> dict[str, float]:
+    """The scan path's levels (what the scan saw and excluded, what was fetched and replaced) as
+    metrics: contract.scan.rows_in, contract.scan.excluded.<rule>, contract.fetch.turns_replaced, ..."""
+    out: dict[str, float] = {}
+    for k, v in levels.items():
+        if isinstance(v, dict):
+            out.update(_level_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out

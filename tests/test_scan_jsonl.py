@@ -1,0 +1,137 @@
+"""The lazy scan of JSONL(.gz) logs (tasks/scan.py) and the fetch of sampled conversations from
+them (tasks/fetch.py): the same population and sample as the full loader on clean logs; broken
+lines, fields of another type and blank lines named (file, line, rule) and counted, never
+dropped silently; a log whose schema changes between files; a conversation gone at fetch time."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+import tasks.fetch
+import tasks.scan
+from tasks.config import load_settings
+from tasks.fetch import scan_fetch_check
+from tasks.load import InputError, load_raw
+from tasks.scan import draw_sample_scan, scan_eligible, scan_turns
+from tasks.stages import contract_check, draw_sample
+from tests.conftest import synthetic_rows
+
+
+def _jsonl(path: Path, lines: list[str]) -> Path:
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict[str, Any]]:
+    return synthetic_rows(600, seed=8)
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks.scan, "BLOCK_BYTES", 64 << 10)  # many blocks, lines cut across reads
+
+
+@pytest.mark.parametrize("name", ["logs.jsonl", "logs.jsonl.gz"])
+def test_clean_jsonl_gives_the_full_loaders_population_and_sample(tmp_path: Path, rows: list[dict[str, Any]],
+                                                                   name: str) -> None:
+    path = _jsonl(tmp_path / name, [json.dumps(r) for r in rows])
+    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 120, "scan": "on"}})
+    assert scan_eligible(s)
+    full, _, population, _ = draw_sample(contract_check(load_raw(str(path)), s).valid, s)
+    sample, _, scanned_population, _, scanned = draw_sample_scan(s)
+    assert scanned_population == population and scanned.rows_in == 600 and not scanned.excluded
+    assert sample["turn_id"].to_list() == full["turn_id"].to_list()
+    assert sample["weight"].to_list() == pytest.approx(full["weight"].to_list())
+    assert "_line" not in sample.columns                                   # where a line is stays internal
+    run = scan_fetch_check(s)                                              # fetch: exactly the sampled ones
+    assert run.sample["turn_id"].to_list() == full["turn_id"].to_list()
+    assert run.checked.rows_in == run.levels["fetch"]["conversations_fetched"] == run.sample["conversation_id"].n_unique()
+    fetched = run.checked.valid
+    by_id = {r["conversation_id"]: r for r in rows}
+    for cid, line in zip(fetched["conversation_id"], fetched["source_line"], strict=True):
+        assert rows[line - 1]["conversation_id"] == cid and cid in by_id   # the right line of the file
+
+
+def test_broken_lines_are_named_counted_and_the_rest_is_scanned(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    lines = [json.dumps(r) for r in rows[:300]]
+    lines[40] = lines[40][: len(lines[40]) // 2]                           # breaks mid-line, mid-file
+    lines[150] = json.dumps({**rows[150], "model": 7})                     # a field of another type
+    lines[151] = ""                                                        # a blank line
+    lines[220] = "[1, 2]"                                                  # not an object
+    path = _jsonl(tmp_path / "broken.jsonl.gz", lines)
+    scanned = scan_turns(str(path))
+    assert scanned.rows_in == 300
+    assert scanned.excluded == {"json_parse": 3, "type": 1}
+    named = {(b["source_line"], b["rule"]) for b in scanned.bad_lines}
+    assert named == {(41, "json_parse"), (151, "type"), (152, "json_parse"), (221, "json_parse")}
+    assert all(b["source_file"] == str(path) and b["reason"] for b in scanned.bad_lines)
+    good = [r for i, r in enumerate(rows[:300]) if i not in (40, 150, 151, 220)]
+    assert scanned.turns["conversation_id"].n_unique() == len(good)       # every other line scanned
+    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 80, "scan": "on"}})
+    run = scan_fetch_check(s)                                              # the run goes on, and says so
+    assert run.levels["scan"]["excluded"] == {"json_parse": 3, "type": 1}
+    assert len(run.levels["scan"]["bad_lines"]) == 4 and run.sample.height == 80
+
+
+def test_a_sampled_conversation_that_breaks_the_contract_or_is_gone_at_fetch_is_replaced(
+        tmp_path: Path, rows: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = [{**r, "created_at": "yesterday"} if i % 10 == 3 else r for i, r in enumerate(rows)]  # the scan can't tell
+    path = _jsonl(tmp_path / "logs.jsonl", [json.dumps(r) for r in broken])
+    real_draw = tasks.fetch.draw_sample_scan
+
+    def draw_then_truncate(s: Any, progress: Any = None) -> Any:
+        out = real_draw(s, progress=progress)
+        data = path.read_bytes().split(b"\n")
+        path.write_bytes(b"\n".join(data[:500]) + b"\n")                   # the last 100 lines go away
+        return out
+
+    monkeypatch.setattr(tasks.fetch, "draw_sample_scan", draw_then_truncate)
+    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 150, "scan": "on"}})
+    run = scan_fetch_check(s)
+    fetch = run.levels["fetch"]
+    assert fetch["missing_at_fetch"] > 0 and fetch["turns_replaced"] > 0
+    gone = {r["conversation_id"] for r in rows[500:]} | {r["conversation_id"] for i, r in enumerate(rows) if i % 10 == 3}
+    assert not set(run.sample["conversation_id"].to_list()) & gone
+    assert run.sample["weight"].sum() == pytest.approx(run.population)      # still the scanned population
+    assert run.checked.by_rule.get("created_at_format", 0) > 0
+
+
+def test_schema_that_changes_between_files(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    """One folder: nested Parquet, Parquet with messages as JSON text and no strata columns, and
+    JSONL: scanned together; a file without a required column is named."""
+    d = tmp_path / "logs"
+    d.mkdir()
+    a, b, c = rows[:200], rows[200:400], rows[400:]
+    pl.DataFrame([{**r, "tools": json.dumps(r.get("tools") or [])} for r in a], infer_schema_length=None) \
+        .with_columns(pl.col("created_at").str.to_datetime(time_zone="UTC")).write_parquet(d / "a.parquet")
+    pl.DataFrame([{"conversation_id": r["conversation_id"], "model": r["model"], "created_at": r["created_at"],
+                   "messages": json.dumps(r["messages"])} for r in b]).write_parquet(d / "b.parquet")
+    _jsonl(d / "c.jsonl", [json.dumps(r) for r in c])
+    scanned = scan_turns(str(d))
+    assert scanned.rows_in == 600 and scanned.files == 3
+    assert scanned.turns["conversation_id"].n_unique() == 600
+    b_ids = {r["conversation_id"] for r in b}
+    assert scanned.turns.filter(pl.col("conversation_id").is_in(list(b_ids)))["surface"].null_count() > 0
+    s = load_settings(overrides={"run": {"data": str(d)}, "sample": {"n": 90, "scan": "on"}})
+    run = scan_fetch_check(s)
+    files = set(run.checked.valid["source_file"].to_list())
+    assert len(files) == 3 and run.sample.height == 90
+    pl.DataFrame({"conversation_id": ["x"], "model": ["m"]}).write_parquet(d / "d.parquet")
+    with pytest.raises(InputError, match=r"d\.parquet: missing column\(s\) messages"):
+        scan_turns(str(d))
+
+
+def test_auto_scans_jsonl_only_when_large(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    path = _jsonl(tmp_path / "logs.jsonl", [json.dumps(r) for r in rows[:50]])
+    small = load_settings(overrides={"run": {"data": str(path)}})
+    assert small.sample.scan == "auto" and not scan_eligible(small)
+    assert scan_eligible(load_settings(overrides={"run": {"data": str(path)}, "sample": {"scan_jsonl_min_mb": 0}}))
+    assert not scan_eligible(load_settings(overrides={"run": {"data": str(path)}, "sample": {"scan": "off"}}))
