@@ -272,6 +272,45 @@ def jsonl_blocks(source: str, block_bytes: int | None = None) -> Iterator[tuple[
         stream.close()
 
 
+def prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of `items`, produced `depth` ahead in a thread (for work that releases the GIL,
+    such as Arrow's decompression). An exception in the producer is raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="depsim-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _line_projection(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
     """The scan's fields of one parsed line, or (None, rule) when the line cannot be a conversation."""
     if not isinstance(obj, dict):
@@ -342,7 +381,7 @@ def _jsonl_turns(source: str, file_idx: int, progress: Callable[[int], None] | N
     frames: list[pl.DataFrame] = []
     rows_in = 0
     excluded: dict[str, int] = {}
-    for first_line, block in jsonl_blocks(source):
+    for first_line, block in prefetched(jsonl_blocks(source)):  # decompress the next while parsing
         tbl, lines, out = _block_table(source, first_line, block, bad)
         rows_in += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
         for key, v in out.items():
