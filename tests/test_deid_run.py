@@ -106,7 +106,9 @@ def test_no_planted_identifier_reaches_the_candidate(tmp_path: Path, server: Ser
     planted = [_two_turn(rng, i) for i in range(15)]
     data = write_jsonl(tmp_path / "prod.jsonl", [r for r, _ in planted])
     cfg = tmp_path / "real.yaml"
-    cfg.write_text(f"models:\n  candidate:\n    base_url: {server.url}\n    model: ok#deid\n    backoff_s: 0.05\n")
+    # sample.scan on: the JSONL scan -> sample -> fetch -> check path, end to end
+    cfg.write_text(f"models:\n  candidate:\n    base_url: {server.url}\n    model: ok#deid\n    backoff_s: 0.05\n"
+                   "sample:\n  scan: on\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli(["run", "--config", str(cfg), "--data", str(data), "--n", "30", "--tracking-uri", uri,
                     "--store", str(tmp_path / "store"), "--json"], cwd=tmp_path)
@@ -129,6 +131,10 @@ def test_no_planted_identifier_reaches_the_candidate(tmp_path: Path, server: Ser
 
     run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
     assert run.data.tags["depsim.deid"] == "on" and run.data.metrics["deid.EMAIL"] == 15
+    m = run.data.metrics                                       # what was checked at which level
+    assert m["contract.scan.rows_in"] == 15 and m["contract.fetch.conversations_fetched"] == 15
+    assert m["contract.fetch.turns_replaced"] == 0 and m["contract.rows_in"] == 15
+    assert "Checked at two levels. The scan read 15 rows in 1 file(s)" in Path(out["report"]).read_text()
     everything = (tmp_path / "mlflow.db").read_bytes().decode("utf-8", "replace") + proc.stdout + proc.stderr
     for f in (tmp_path / "mlruns").rglob("*") if (tmp_path / "mlruns").exists() else []:
         if f.is_file():
