@@ -114,10 +114,15 @@ def fetch_raw(data: str | None, ids: set[str], progress: Callable[[int, int], No
             got = pf.read_row_group(g, columns=["conversation_id"]).column(0)
             mask = pc.fill_null(pc.is_in(pc.cast(got, pa.string()), value_set=wanted), False)
             idx = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
-            if len(idx):
-                frame = pl.from_arrow(pf.read_row_group(g).take(pa.array(idx)))
-                assert isinstance(frame, pl.DataFrame)
-                rows += parquet_records(source, frame, (offset + idx + 1).tolist())
+            base = 0
+            # Batch by batch: a whole decoded row group (content included) can be a GB.
+            for batch in (pf.iter_batches(batch_size=8192, row_groups=[g]) if len(idx) else ()):
+                sel = idx[(idx >= base) & (idx < base + batch.num_rows)] - base
+                if len(sel):
+                    frame = pl.from_arrow(pa.Table.from_batches([batch]).take(pa.array(sel)))
+                    assert isinstance(frame, pl.DataFrame)
+                    rows += parquet_records(source, frame, (offset + base + sel + 1).tolist())
+                base += batch.num_rows
             offset += n
             done += 1
             if progress:

@@ -175,7 +175,10 @@ def _normalise_conv(conv: pl.DataFrame) -> pl.DataFrame:
     for c in CONV_COLUMNS:
         if c not in cols:
             cols[c] = pl.Series(c, [None] * conv.height, dtype=pl.String if c != "created_at" else pl.Datetime("us", "UTC"))
-    frame = pl.DataFrame(cols).select(CONV_COLUMNS)
+    # Model and strata as Categorical (a few values, repeated on every turn); files that store
+    # them as plain strings or dictionaries then concatenate.
+    frame = pl.DataFrame(cols).select(CONV_COLUMNS).with_columns(
+        pl.col(c).cast(pl.Categorical) for c in CONV_COLUMNS if c not in ("conversation_id", "created_at"))
     ts = frame.schema["created_at"]
     if ts == pl.String:
         frame = frame.with_columns(pl.col("created_at").str.to_datetime(time_zone="UTC", strict=False))
@@ -465,7 +468,7 @@ def scan_turns(data: str | None, progress: Callable[[int, int], None] | None = N
         dup = firsts.value_counts().filter(pl.col("count") > 1)
         excluded["duplicate_conversation_id"] = int(dup["count"].sum())
         turns = turns.filter(~pl.col("conversation_id").is_in(dup["conversation_id"].implode()))
-    turns = turns.with_columns(prefix_bucket=prefix_bucket_expr())
+    turns = turns.with_columns(prefix_bucket=prefix_bucket_expr().cast(pl.Categorical))  # 10M short strings: 160 MB
     return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v}, sources, bad_lines)
 
 
@@ -502,6 +505,7 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
     sample, strata = sample_turns(turns, c.n, c.strata, s.run.seed, c.allocation, c.turns,
                                   c.turns_per_conversation, priors, c.oversample or None, c.dedupe)
     sample = (sample.with_columns(pl.col(col).cast(dtype) for col, dtype in TURN_SCHEMA.items())
-              .drop("_file", "_line", strict=False))  # where a JSONL conversation is: for the fetch only
+              .drop("_file", "_line", strict=False)  # where a JSONL conversation is: for the fetch only
+              .with_columns(pl.col("prefix_bucket").cast(pl.String)))
     scanned.turns = turns  # the population after filters: replacement draws come from it (tasks/fetch.py)
     return sample, strata, turns.height, representativeness(strata, sample), scanned
