@@ -152,7 +152,7 @@ def sample(
         if scan_eligible(s):
             bar = Progress() if not as_json else None
             smp, table, population, rep, scanned = draw_sample_scan(
-                s, progress=(lambda done, total: bar("scan row groups", done, total)) if bar else None)
+                s, progress=(lambda done, total: bar("scan (Parquet row groups, JSONL bytes)", done, total)) if bar else None)
             extra = {"scan": True, "rows_in": scanned.rows_in, "rows_excluded": scanned.excluded,
                      "bad_lines": scanned.bad_lines[:20]}
         else:

@@ -32,10 +32,10 @@ import pyarrow.compute as pc
 
 from tasks.check import CheckResult
 from tasks.config import Settings
-from tasks.load import parquet_records, resolve_sources
+from tasks.load import InputError, parquet_records, resolve_sources
 from tasks.records import RAW_SCHEMA
 from tasks.sample import representativeness, stratum_key, unit_hash
-from tasks.scan import _open, draw_sample_scan, is_jsonl, jsonl_blocks
+from tasks.scan import ScanResult, _open, draw_sample_scan, is_jsonl, jsonl_blocks
 
 MAX_ROUNDS = 20
 
@@ -228,7 +228,8 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
     from tasks.stages import contract_check
 
     tick = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
-    sample, strata, population, _, scanned = draw_sample_scan(s, progress=tick("scan row groups"))
+    sample, strata, population, _, scanned = draw_sample_scan(s, progress=tick("scan (Parquet row groups, JSONL bytes)"))
+    _scan_limit(scanned, s)
     turns = scanned.turns
     raws: list[pl.DataFrame] = []
     fetched: set[str] = set()
@@ -263,6 +264,22 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
     checked.levels = levels
     return ScanRun(sample, table, population, representativeness(table, sample), checked,
                    data_digest(s.run.data), levels)
+
+
+def _scan_limit(scanned: ScanResult, s: Settings) -> None:
+    """Stop when the rows the scan could not use are more than contract.fail_bad_share of the log.
+
+    Raises:
+        InputError: naming the share, the rules and the first lines (file, line, rule, reason).
+    """
+    bad = sum(scanned.excluded.values())
+    limit = s.contract.fail_bad_share
+    if not scanned.rows_in or bad / scanned.rows_in <= limit:
+        return
+    rules = ", ".join(f"{k}={v}" for k, v in sorted(scanned.excluded.items()))
+    first = "; ".join(f"{b['source_file']}:{b['source_line']} {b['rule']} ({b['reason']})" for b in scanned.bad_lines[:3])
+    raise InputError(f"the scan could not use {bad:,} of {scanned.rows_in:,} rows ({bad / scanned.rows_in:.1%}, "
+                     f"limit contract.fail_bad_share {limit:.1%}): {rules}" + (f"; first: {first}" if first else ""))
 
 
 def _ids(raw: pl.DataFrame) -> list[dict[str, str]]:

@@ -135,3 +135,18 @@ def test_auto_scans_jsonl_only_when_large(tmp_path: Path, rows: list[dict[str, A
     assert small.sample.scan == "auto" and not scan_eligible(small)
     assert scan_eligible(load_settings(overrides={"run": {"data": str(path)}, "sample": {"scan_jsonl_min_mb": 0}}))
     assert not scan_eligible(load_settings(overrides={"run": {"data": str(path)}, "sample": {"scan": "off"}}))
+
+
+def test_too_many_unreadable_lines_stop_the_run_with_the_first_ones_named(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    lines = [json.dumps(r) for r in rows[:100]]
+    for i in range(0, 100, 8):                                             # 13 of 100 lines broken
+        lines[i] = lines[i][:30]
+    path = _jsonl(tmp_path / "bad.jsonl", lines)
+    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 20, "scan": "on"},
+                                 "contract": {"fail_bad_share": 0.1}})
+    with pytest.raises(InputError, match=r"could not use 13 of 100 rows \(13\.0%, limit contract\.fail_bad_share "
+                                         r"10\.0%\): json_parse=13; first: .*bad\.jsonl:1 json_parse \(invalid JSON"):
+        scan_fetch_check(s)
+    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 20, "scan": "on"},
+                                 "contract": {"fail_bad_share": 0.2}})
+    assert scan_fetch_check(s).levels["scan"]["excluded"] == {"json_parse": 13}  # under the limit: goes on
