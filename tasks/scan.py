@@ -227,29 +227,37 @@ def is_jsonl(source: str) -> bool:
     return source.endswith(JSONL_SUFFIXES)
 
 
-def _stream(source: str) -> Any:
-    """A byte stream of a JSONL(.gz) file, local or s3://, decompressed by Arrow (in C++)."""
-    compression = "gzip" if source.endswith(".gz") else None
+def _stream(source: str) -> tuple[Any, Any]:
+    """(byte stream of a JSONL(.gz) file, local or s3://, decompressed by Arrow in C++; the raw
+    file under it, whose position is the compressed bytes read)."""
     try:
         if source.startswith("s3://"):
             from tasks.store import s3_filesystem
 
             fs, path = s3_filesystem(source)
-            return fs.open_input_stream(path, compression=compression)
-        return pa.input_stream(source, compression=compression)
+            raw = fs.open_input_stream(path)
+        else:
+            raw = pa.OSFile(source)
+        return (pa.CompressedInputStream(raw, "gzip") if source.endswith(".gz") else raw), raw
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{source}: cannot read: {exc}") from exc
 
 
-def jsonl_blocks(source: str, block_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
+def jsonl_blocks(source: str, block_bytes: int | None = None,
+                 on_read: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
     """(number of the block's first line, block of whole lines) over a JSONL(.gz) file; the last
-    line may lack its newline. Names the file when it is not gzip, binary or empty."""
-    stream = _stream(source)
-    line, rest, content, first = 1, b"", False, True
+    line may lack its newline. Names the file when it is not gzip, binary or empty.
+    `on_read(bytes)` is told how many bytes of the file (compressed) each read consumed."""
+    stream, raw = _stream(source)
+    line, rest, content, first, at = 1, b"", False, True, 0
     try:
         while True:
             try:
                 chunk = stream.read(block_bytes or BLOCK_BYTES)
+                if on_read is not None:
+                    now = raw.tell()
+                    on_read(now - at)
+                    at = now
             except (OSError, pa.ArrowException) as exc:
                 kind = "not a gzip file" if source.endswith(".gz") else "cannot read"
                 raise InputError(f"{source}: {kind}: {exc}") from exc
@@ -384,7 +392,8 @@ def _jsonl_turns(source: str, file_idx: int, progress: Callable[[int], None] | N
     frames: list[pl.DataFrame] = []
     rows_in = 0
     excluded: dict[str, int] = {}
-    for first_line, block in prefetched(jsonl_blocks(source)):  # decompress the next while parsing
+    read = [0]
+    for first_line, block in prefetched(jsonl_blocks(source, on_read=lambda n: read.__setitem__(0, read[0] + n))):
         tbl, lines, out = _block_table(source, first_line, block, bad)
         rows_in += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
         for key, v in out.items():
@@ -401,8 +410,9 @@ def _jsonl_turns(source: str, file_idx: int, progress: Callable[[int], None] | N
         excluded["missing_conversation_id"] = excluded.get("missing_conversation_id", 0) + int(no_id.sum())
         excluded["no_messages"] = excluded.get("no_messages", 0) + int((empty & ~no_id).sum())
         frames.append(turns_of_batch(conv, msgs))
-        if progress:
-            progress(len(block))
+        if progress:  # bytes of the file read so far (the decompression runs a block or two ahead)
+            progress(read[0])
+            read[0] = 0
     return frames, rows_in, excluded
 
 
