@@ -258,7 +258,8 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
     table = strata.with_columns(sampled=pl.col("stratum").replace_strict(  # strata that ran out keep fewer
         dict(sample.group_by("stratum").len().iter_rows()), default=0, return_dtype=pl.Int64))
     levels = {"scan": {"rows_in": scanned.rows_in, "files": scanned.files, "excluded": scanned.excluded,
-                       "population_turns": population, "bad_lines": scanned.bad_lines[:20]},
+                       "population_turns": population, "time_range": scanned.time_range,
+                       "bad_lines": scanned.bad_lines[:20]},
               "fetch": {"conversations_fetched": len(fetched), "missing_at_fetch": missing,
                         "quarantined": len(bad), "turns_replaced": replaced, "turns_lost": sum(lost.values())}}
     checked.levels = levels

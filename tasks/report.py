@@ -316,8 +316,12 @@ def levels_line(levels: dict[str, Any]) -> str:
     """What the scan path checked at which level, in one sentence."""
     scan, fetch = levels.get("scan") or {}, levels.get("fetch") or {}
     excluded = ", ".join(f"{k} {v}" for k, v in (scan.get("excluded") or {}).items()) or "none"
+    span = scan.get("time_range") or {}
+    when = (f", conversations from {span['first'][:19]} to {span['last'][:19]} UTC"
+            + (f", {span['conversations_without_time']} without a valid time" if span.get("conversations_without_time") else "")
+            if span.get("first") else "")
     return (f"Checked at two levels. The scan read {scan.get('rows_in', 0):,} rows in {scan.get('files', 0)} file(s) "
-            f"(ids, strata and roles only; left out of the population: {excluded}); the contract above applies to "
+            f"(ids, strata and roles only{when}; left out of the population: {excluded}); the contract above applies to "
             f"the {fetch.get('conversations_fetched', 0):,} sampled conversations fetched: "
             f"{fetch.get('quarantined', 0)} quarantined or missing ({fetch.get('missing_at_fetch', 0)} missing at fetch), "
             f"{fetch.get('turns_replaced', 0)} turns replaced by the next in their stratum's draw order, "

@@ -52,6 +52,8 @@ class ScanResult:
     sources: list[str] = field(default_factory=list)
     # JSONL lines that are not conversations: (file, line, rule, reason), the first 100.
     bad_lines: list[dict[str, Any]] = field(default_factory=list)
+    # created_at of the scanned conversations: first, last, and how many have none (or no valid one).
+    time_range: dict[str, Any] = field(default_factory=dict)
 
 
 def _size(source: str) -> int:
@@ -479,7 +481,11 @@ def scan_turns(data: str | None, progress: Callable[[int, int], None] | None = N
         excluded["duplicate_conversation_id"] = int(dup["count"].sum())
         turns = turns.filter(~pl.col("conversation_id").is_in(dup["conversation_id"].implode()))
     turns = turns.with_columns(prefix_bucket=prefix_bucket_expr().cast(pl.Categorical))  # 10M short strings: 160 MB
-    return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v}, sources, bad_lines)
+    firsts = turns.filter(pl.col("turn_index") == 0)["created_at"]
+    span = {"first": None if firsts.is_null().all() else str(firsts.min()),
+            "last": None if firsts.is_null().all() else str(firsts.max()),
+            "conversations_without_time": int(firsts.null_count())}
+    return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v}, sources, bad_lines, span)
 
 
 def scan_eligible(s: Settings) -> bool:

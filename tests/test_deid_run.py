@@ -134,7 +134,7 @@ def test_no_planted_identifier_reaches_the_candidate(tmp_path: Path, server: Ser
     m = run.data.metrics                                       # what was checked at which level
     assert m["contract.scan.rows_in"] == 15 and m["contract.fetch.conversations_fetched"] == 15
     assert m["contract.fetch.turns_replaced"] == 0 and m["contract.rows_in"] == 15
-    assert "Checked at two levels. The scan read 15 rows in 1 file(s)" in Path(out["report"]).read_text()
+    assert "Checked at two levels. The scan read 15 rows in 1 file(s) (ids, strata and roles only, conversations from" in Path(out["report"]).read_text()
     everything = (tmp_path / "mlflow.db").read_bytes().decode("utf-8", "replace") + proc.stdout + proc.stderr
     for f in (tmp_path / "mlruns").rglob("*") if (tmp_path / "mlruns").exists() else []:
         if f.is_file():

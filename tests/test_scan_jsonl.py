@@ -48,6 +48,10 @@ def test_clean_jsonl_gives_the_full_loaders_population_and_sample(tmp_path: Path
     full, _, population, _ = draw_sample(contract_check(load_raw(str(path)), s).valid, s)
     sample, _, scanned_population, _, scanned = draw_sample_scan(s)
     assert scanned_population == population and scanned.rows_in == 600 and not scanned.excluded
+    times = sorted(r["created_at"] for r in rows)
+    assert scanned.time_range["conversations_without_time"] == 0
+    assert scanned.time_range["first"][:19] == times[0][:19].replace("T", " ")
+    assert scanned.time_range["last"][:19] == times[-1][:19].replace("T", " ")
     assert sample["turn_id"].to_list() == full["turn_id"].to_list()
     assert sample["weight"].to_list() == pytest.approx(full["weight"].to_list())
     assert "_line" not in sample.columns                                   # where a line is stays internal
