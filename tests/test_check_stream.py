@@ -69,6 +69,19 @@ def _same(streamed: CheckResult, full: CheckResult) -> None:
 
 @pytest.mark.parametrize("workers,batch", [(1, 2000), (1, 5), (2, 7)], ids=["inline", "small-batches", "two-workers"])
 def test_stream_decides_as_the_full_check(tmp_path: Path, workers: int, batch: int) -> None:
+    """With this process's recursion limit raised (as hypothesis and others do), the worker
+    processes keep the default one: the verdicts must not depend on it."""
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        _decides_as_the_full_check(tmp_path, workers, batch)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _decides_as_the_full_check(tmp_path: Path, workers: int, batch: int) -> None:
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(_mixed_lines()) + b"\n")
     full = check_conversations(load_raw(str(path)), CONTRACT, 0.01, 0.5)
