@@ -13,7 +13,6 @@ The result is the flow's check of the same input, row for row (tested), except t
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.check import CheckResult, ContractCheck, check_row
-from tasks.load import InputError, _looks_binary, line_row, load_raw, resolve_sources
+from tasks.load import line_row, load_raw, local_lines, resolve_sources
 
 BATCH_LINES = 2000
 POOL_MIN_BYTES = 64 * 1024 * 1024  # below this, worker start-up (~1 s each) costs more than it saves
@@ -61,28 +60,6 @@ def check_batch(items: list[Item], contract: dict[str, Any] | None = None) -> tu
     return out, normalised
 
 
-def _local_lines(source: str) -> Iterator[Item]:
-    """A local JSONL(.gz) file's lines, streamed (file-level errors as tasks.load names them)."""
-    opener: Any = gzip.open if source.endswith(".gz") else open
-    try:
-        with opener(source, "rb") as fh:
-            head = fh.read(4096)
-            if not head.lstrip().startswith((b"{", b"[", b"\n")) and _looks_binary(head):
-                raise InputError(f"{source}: not a JSONL file (binary content)")
-            fh.seek(0)
-            content = False
-            for line_no, line in enumerate(fh, start=1):
-                content = content or bool(line.strip())
-                yield source, line_no, "line", line
-            if not content:
-                raise InputError(f"{source}: file is empty")
-    except InputError:
-        raise
-    except OSError as exc:
-        kind = "not a gzip file" if source.endswith(".gz") else "cannot read"
-        raise InputError(f"{source}: {kind}: {exc}") from exc
-
-
 def _items(sources: list[str]) -> Iterator[Item]:
     for source in sources:
         if source.startswith("s3://") or source.endswith(".parquet"):
@@ -90,7 +67,7 @@ def _items(sources: list[str]) -> Iterator[Item]:
             for f, line, record, error, excerpt in raw.iter_rows():
                 yield f, line, "raw", (record, error, excerpt)
         else:
-            yield from _local_lines(source)
+            yield from ((source, n, "line", line) for n, line in local_lines(source))
 
 
 def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from tasks.check import CheckResult
 from tasks.config import Settings
-from tasks.load import InputError, parquet_records, resolve_sources
+from tasks.load import InputError, line_row, parquet_records, resolve_sources
 from tasks.records import RAW_SCHEMA
 from tasks.sample import representativeness, stratum_key, unit_hash
 from tasks.scan import ScanResult, _open, draw_sample_scan, is_jsonl, jsonl_blocks
@@ -146,8 +146,6 @@ def fetch_raw(data: str | None, ids: set[str], progress: Callable[[int, int], No
 def _fetch_lines(source: str, lines: set[int]) -> pl.DataFrame:
     """The raw rows of these line numbers of a JSONL(.gz) file (one pass; only they are parsed).
     A line the file no longer has is simply absent (the caller counts it missing at fetch)."""
-    from tasks.load import line_row
-
     out: dict[str, list[Any]] = {c: [] for c in RAW_SCHEMA}
     ordered = sorted(lines)
     pos = 0

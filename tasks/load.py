@@ -118,13 +118,13 @@ class _Columns:
         self.parse_error: list[str | None] = []
         self.excerpt: list[str | None] = []
 
-    def add(self, source: str, line: int, record: str | None, error: str | None = None,
-            raw: bytes | None = None) -> None:
+    def add(self, source: str, line: int, raw: bytes) -> None:
+        record, error, excerpt, _ = line_row(raw)
         self.source_file.append(source)
         self.source_line.append(line)
         self.record.append(record)
         self.parse_error.append(error)
-        self.excerpt.append(raw[:500].decode("utf-8", "replace") if raw is not None else None)
+        self.excerpt.append(excerpt)
 
     def frame(self) -> pl.DataFrame:
         return pl.DataFrame({"source_file": self.source_file, "source_line": self.source_line,
@@ -132,34 +132,27 @@ class _Columns:
                             schema=RAW_SCHEMA)
 
 
-def _jsonl_rows(source: str, head: bytes, lines: Iterator[bytes], out: _Columns) -> None:
-    """Parse JSONL lines into `out`; every physical line becomes one row (bad ones with the reason)."""
+def checked_lines(source: str, head: bytes, lines: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a JSONL file; InputError when its start is binary, or, once read,
+    when it held nothing but blank lines."""
     if not head.lstrip().startswith((b"{", b"[", b"\n")) and _looks_binary(head):
         raise InputError(f"{source}: not a JSONL file (binary content)")
-    before = len(out.record)
     content = False
     for lineno, line in enumerate(lines, start=1):
         content = content or bool(line.strip())
-        record, error, excerpt, _ = line_row(line)
-        out.source_file.append(source)
-        out.source_line.append(lineno)
-        out.record.append(record)
-        out.parse_error.append(error)
-        out.excerpt.append(excerpt)
+        yield lineno, line
     if not content:
-        del out.source_file[before:], out.source_line[before:], out.record[before:]
-        del out.parse_error[before:], out.excerpt[before:]
         raise InputError(f"{source}: file is empty")
 
 
-def _local_jsonl(source: str, out: _Columns) -> None:
-    """Stream a local JSONL(.gz) file line by line: memory grows with the table, not the file."""
+def local_lines(source: str) -> Iterator[tuple[int, bytes]]:
+    """checked_lines() of a local JSONL(.gz) file, streamed: memory does not grow with the file."""
     opener: Any = gzip.open if source.endswith(".gz") else open
     try:
         with opener(source, "rb") as fh:
             head = fh.read(4096)
-        with opener(source, "rb") as fh:
-            _jsonl_rows(source, head, iter(fh), out)
+            fh.seek(0)
+            yield from checked_lines(source, head, fh)
     except InputError:
         raise
     except OSError as exc:
@@ -229,9 +222,11 @@ def load_raw(data: str | None) -> pl.DataFrame:
             lines = blob.split(b"\n")
             if lines and lines[-1] == b"":
                 lines.pop()
-            _jsonl_rows(source, blob[:4096], iter(lines), cols)
+            for lineno, line in checked_lines(source, blob[:4096], iter(lines)):
+                cols.add(source, lineno, line)
         else:
-            _local_jsonl(source, cols)
+            for lineno, line in local_lines(source):
+                cols.add(source, lineno, line)
     frames.append(cols.frame())
     return pl.concat(frames) if len(frames) > 1 else frames[0]
 
