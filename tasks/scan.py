@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.config import Settings
-from tasks.load import InputError, _looks_binary, resolve_sources
+from tasks.load import InputError, _looks_binary, line_row, resolve_sources
 from tasks.records import TURN_SCHEMA
 from tasks.sample import (
     SampleError,
@@ -368,8 +368,6 @@ def _block_table(source: str, first_line: int, block: bytes, bad: list[dict[str,
             return tbl, np.arange(first_line, first_line + n_lines, dtype=np.int64), {}
     except (pa.ArrowException, OSError):
         pass
-    from tasks.load import line_row
-
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     excluded: dict[str, int] = {}
@@ -377,7 +375,7 @@ def _block_table(source: str, first_line: int, block: bytes, bad: list[dict[str,
         record, error, _, obj = line_row(raw)
         row, rule = _line_projection(obj) if record is not None else (None, "json_parse")
         if row is None:
-            rule = rule or "json_parse"
+            assert rule is not None
             excluded[rule] = excluded.get(rule, 0) + 1
             if len(bad) < 100:
                 bad.append({"source_file": source, "source_line": first_line + k, "rule": rule,
