@@ -139,9 +139,13 @@ def test_time_budget_cancels_the_call_in_flight(server: ServerProcess) -> None:
 
 
 def test_time_budget_does_not_count_waiting_for_a_concurrency_slot(server: ServerProcess) -> None:
-    convs = [conversation(f"c{i}") for i in range(4)]
-    traj, _ = replay(server, convs, "ok@200#slots", ReplayCfg(time_budget_s=0.5), concurrency=1)
-    assert set(traj["finish"]) == {"answered"}   # the last turn waited 0.6 s for its slot
+    # Each turn takes 0.25 s, well inside its 1.5 s budget even on a loaded machine; run one at a
+    # time, the last of seven waits 1.5 s for its slot and the whole replay takes over 1.5 s, so a
+    # clock started before the wait would cut at least the last turn.
+    convs = [conversation(f"c{i}") for i in range(7)]
+    traj, _ = replay(server, convs, "ok@250#slots", ReplayCfg(time_budget_s=1.5), concurrency=1)
+    assert traj["latency_s"].sum() > 1.5
+    assert set(traj["finish"]) == {"answered"}
 
 
 def test_refusal_and_cut_responses(server: ServerProcess) -> None:
