@@ -35,7 +35,7 @@ from tasks.config import Settings
 from tasks.load import InputError, line_row, parquet_records, resolve_sources
 from tasks.records import RAW_SCHEMA
 from tasks.sample import representativeness, stratum_key, unit_hash
-from tasks.scan import ScanResult, _open, draw_sample_scan, is_jsonl, jsonl_blocks
+from tasks.scan import ScanResult, _open, draw_sample_scan, draw_units, is_jsonl, jsonl_blocks
 
 MAX_ROUNDS = 20
 
@@ -93,12 +93,15 @@ def _jsonl_fingerprint(source: str, h: Any) -> None:
 
 
 def fetch_raw(data: str | None, ids: set[str], progress: Callable[[int, int], None] | None = None,
-              turns: pl.DataFrame | None = None) -> pl.DataFrame:
+              turns: pl.DataFrame | None = None, kept: dict[tuple[int, int], bytes] | None = None,
+              counts: dict[str, int] | None = None) -> pl.DataFrame:
     """The raw rows (RAW_SCHEMA) of the conversations with these ids.
 
     Parquet: each row group's ids are read first; the rest of a row group only when it holds
-    one. JSONL(.gz): the lines the scan found them on (`turns`' `_file`, `_line`), read in one
-    pass that parses only those lines.
+    one. JSONL(.gz): the lines the scan found them on (`turns`' `_file`, `_line`): those the
+    scan kept (`kept`, see tasks/scan.Retention) as it read them, the others in one more pass
+    over their file that parses only those lines. `counts` gets lines_from_scan and
+    lines_read_again.
     """
     rows: list[dict[str, Any]] = []
     wanted = pa.array(sorted(ids), type=pa.string())
@@ -135,12 +138,29 @@ def fetch_raw(data: str | None, ids: set[str], progress: Callable[[int, int], No
         where = (turns.filter(pl.col("conversation_id").is_in(wanted.to_pylist()))
                  .select("_file", "_line").unique())
         frames = [frame]
+        kept = kept or {}
         for k, source in jsonl:
             lines = where.filter(pl.col("_file") == k)["_line"].to_list()
-            if lines:
-                frames.append(_fetch_lines(source, set(lines)))
+            held = sorted(ln for ln in lines if (k, ln) in kept)
+            again = set(lines) - set(held)
+            if held:
+                frames.append(_rows(source, held, [kept[(k, ln)] for ln in held]))
+            if again:
+                frames.append(_fetch_lines(source, again))
+            if counts is not None:
+                counts["lines_from_scan"] = counts.get("lines_from_scan", 0) + len(held)
+                counts["lines_read_again"] = counts.get("lines_read_again", 0) + len(again)
         frame = pl.concat(frames)
     return frame
+
+
+def _rows(source: str, lines: list[int], raws: list[bytes]) -> pl.DataFrame:
+    """RAW_SCHEMA rows of raw JSONL lines."""
+    out: dict[str, list[Any]] = {c: [] for c in RAW_SCHEMA}
+    for line, raw in zip(lines, raws, strict=True):
+        for c, v in zip(RAW_SCHEMA, (source, line, *line_row(raw)[:3]), strict=True):
+            out[c].append(v)
+    return pl.DataFrame(out, schema=RAW_SCHEMA)
 
 
 def _fetch_lines(source: str, lines: set[int]) -> pl.DataFrame:
@@ -164,22 +184,6 @@ def _fetch_lines(source: str, lines: set[int]) -> pl.DataFrame:
     return pl.DataFrame(out, schema=RAW_SCHEMA)
 
 
-def _units(turns: pl.DataFrame, s: Settings) -> pl.DataFrame:
-    """The draw's units (turns after the turn choice) with their within-conversation probability,
-    as sample_turns forms them."""
-    c = s.sample
-    if c.turns == "last":
-        return turns.filter(pl.col("turn_index") == pl.col("turn_index").max().over("conversation_id")) \
-            .with_columns(_within=pl.lit(1.0))
-    if c.turns == "random":
-        k = c.turns_per_conversation
-        return (turns.with_columns(_h=unit_hash(s.run.seed + 1), _nt=pl.len().over("conversation_id"))
-                .filter(pl.col("_h").rank("ordinal").over("conversation_id") <= k)
-                .with_columns(_within=pl.min_horizontal(pl.lit(float(k)), pl.col("_nt").cast(pl.Float64))
-                              / pl.col("_nt")).drop("_h", "_nt"))
-    return turns.with_columns(_within=pl.lit(1.0))
-
-
 def replace_quarantined(sample: pl.DataFrame, turns: pl.DataFrame, table: pl.DataFrame, bad: set[str],
                         s: Settings) -> tuple[pl.DataFrame, int, dict[str, int]]:
     """The sample with every turn of a `bad` conversation replaced by the next in its stratum's
@@ -194,7 +198,7 @@ def replace_quarantined(sample: pl.DataFrame, turns: pl.DataFrame, table: pl.Dat
     kept = sample.filter(~pl.col("conversation_id").is_in(list(bad)))
     need = dict(gone.group_by("stratum").len().iter_rows())
     strata = s.sample.strata
-    cand = (_units(turns, s).with_columns(stratum=stratum_key(strata))
+    cand = (draw_units(turns, s).with_columns(stratum=stratum_key(strata))
             .filter(pl.col("stratum").is_in(list(need)) & ~pl.col("conversation_id").is_in(list(bad)))
             .with_columns(turn_id=pl.format("{}#{}", "conversation_id", "turn_index"))
             .filter(~pl.col("turn_id").is_in(sample["turn_id"].implode()))
@@ -226,7 +230,8 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
     from tasks.stages import contract_check
 
     tick = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
-    sample, strata, population, _, scanned = draw_sample_scan(s, progress=tick("scan (Parquet row groups, JSONL bytes)"))
+    sample, strata, population, _, scanned = draw_sample_scan(s, progress=tick("scan (Parquet row groups, JSONL bytes)"),
+                                                              retain=True)
     _scan_limit(scanned, s)
     turns = scanned.turns
     raws: list[pl.DataFrame] = []
@@ -234,12 +239,14 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
     bad: set[str] = set()
     replaced, missing = 0, 0
     lost: dict[str, int] = {}
+    lines: dict[str, int] = {}
     checked = contract_check(pl.DataFrame(schema=RAW_SCHEMA), s)
     for _ in range(MAX_ROUNDS):
         want = set(sample["conversation_id"].to_list()) - fetched
         if not want:
             break
-        raw = fetch_raw(s.run.data, want, progress=tick("fetch sampled conversations"), turns=turns)
+        raw = fetch_raw(s.run.data, want, progress=tick("fetch sampled conversations"), turns=turns,
+                        kept=scanned.kept, counts=lines)
         fetched |= want
         raws.append(raw)
         found = {r["conversation_id"] for r in _ids(raw)}
@@ -259,7 +266,8 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
                        "population_turns": population, "time_range": scanned.time_range,
                        "bad_lines": scanned.bad_lines[:20]},
               "fetch": {"conversations_fetched": len(fetched), "missing_at_fetch": missing,
-                        "quarantined": len(bad), "turns_replaced": replaced, "turns_lost": sum(lost.values())}}
+                        "quarantined": len(bad), "turns_replaced": replaced, "turns_lost": sum(lost.values()),
+                        **lines}}
     checked.levels = levels
     return ScanRun(sample, table, population, representativeness(table, sample), checked,
                    data_digest(s.run.data), levels)

@@ -35,6 +35,7 @@ from tasks.sample import (
     prefix_bucket_expr,
     representativeness,
     sample_turns,
+    unit_hash,
 )
 
 CONV_COLUMNS = ("conversation_id", "model", "created_at", "surface", "task_type", "language")
@@ -54,6 +55,8 @@ class ScanResult:
     bad_lines: list[dict[str, Any]] = field(default_factory=list)
     # created_at of the scanned conversations: first, last, and how many have none (or no valid one).
     time_range: dict[str, Any] = field(default_factory=dict)
+    # Raw JSONL lines the draw is likely to pick, kept as the scan read them: (file index, line) -> bytes.
+    kept: dict[tuple[int, int], bytes] = field(default_factory=dict)
 
 
 def _size(source: str) -> int:
@@ -229,9 +232,67 @@ def is_jsonl(source: str) -> bool:
     return source.endswith(JSONL_SUFFIXES)
 
 
+class _Gzip:
+    """A .gz stream inflated in large steps that release the GIL (the next block inflates while
+    Arrow parses this one), by ISA-L (python-isal, about 1.7 times zlib's speed) or by zlib.
+    Reads every gzip member of the file (as `cat a.gz b.gz` makes) and the zero padding some
+    tools leave after the last; checks each member's CRC and length."""
+
+    STEP = 4 << 20
+
+    def __init__(self, raw: Any, zlib_module: Any) -> None:
+        self._raw, self._zlib = raw, zlib_module
+        self._d = zlib_module.decompressobj(31)
+        self._pending = b""
+        self._member = False  # inside a member: the file must not end here
+
+    def tell(self) -> int:
+        return int(self._raw.tell())
+
+    def read(self, n: int) -> bytes:
+        out: list[bytes] = []
+        size = 0
+        while size < n:
+            chunk = self._d.unconsumed_tail or self._pending or self._raw.read(self.STEP)
+            self._pending = b""
+            if not chunk:
+                if self._member:
+                    raise EOFError("the file ends inside a gzip member")
+                break
+            if not self._member and not chunk.strip(b"\x00"):  # padding after the last member
+                continue
+            self._member = True
+            try:
+                piece = self._d.decompress(chunk, n - size)
+            except self._zlib.error as exc:
+                raise OSError(str(exc)) from exc
+            out.append(piece)
+            size += len(piece)
+            if self._d.eof:  # the next member, if any
+                self._pending, self._member = self._d.unused_data, False
+                self._d = self._zlib.decompressobj(31)
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def _inflater() -> Any:
+    """python-isal's zlib interface (a dependency), or the standard library's zlib when it is
+    missing or DEPSIM_INFLATE=zlib (for side-by-side benchmarks)."""
+    if os.environ.get("DEPSIM_INFLATE", "isal") != "zlib":
+        with contextlib.suppress(ImportError):
+            from isal import isal_zlib
+
+            return isal_zlib
+    import zlib
+
+    return zlib
+
+
 def _stream(source: str) -> tuple[Any, Any]:
-    """(byte stream of a JSONL(.gz) file, local or s3://, decompressed by Arrow in C++; the raw
-    file under it, whose position is the compressed bytes read)."""
+    """(byte stream of a JSONL(.gz) file, local or s3://; the raw file under it, whose position
+    is the compressed bytes read)."""
     try:
         if source.startswith("s3://"):
             from tasks.store import s3_filesystem
@@ -240,7 +301,7 @@ def _stream(source: str) -> tuple[Any, Any]:
             raw = fs.open_input_stream(path)
         else:
             raw = pa.OSFile(source)
-        return (pa.CompressedInputStream(raw, "gzip") if source.endswith(".gz") else raw), raw
+        return (_Gzip(raw, _inflater()) if source.endswith(".gz") else raw), raw
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{source}: cannot read: {exc}") from exc
 
@@ -260,8 +321,10 @@ def jsonl_blocks(source: str, block_bytes: int | None = None,
                     now = raw.tell()
                     on_read(now - at)
                     at = now
-            except (OSError, pa.ArrowException) as exc:
-                kind = "not a gzip file" if source.endswith(".gz") else "cannot read"
+            except (OSError, EOFError, pa.ArrowException) as exc:
+                kind = ("cannot read" if not source.endswith(".gz") else
+                        "truncated gzip file" if isinstance(exc, EOFError) or "truncated" in str(exc).lower() else
+                        "corrupt gzip file" if "checksum" in str(exc).lower() else "not a gzip file")
                 raise InputError(f"{source}: {kind}: {exc}") from exc
             if first:
                 first = False
@@ -386,8 +449,109 @@ def _block_table(source: str, first_line: int, block: bytes, bad: list[dict[str,
     return pa.Table.from_pylist(rows, schema=_JSONL_SCHEMA), np.array(lines, dtype=np.int64), excluded
 
 
+def draw_units(turns: pl.DataFrame, s: Settings) -> pl.DataFrame:
+    """The draw's units (turns after sample.turns) with their within-conversation probability
+    `_within`, as tasks/sample.sample_turns forms them."""
+    c = s.sample
+    if c.turns == "last":
+        return turns.filter(pl.col("turn_index") == pl.col("turn_index").max().over("conversation_id")) \
+            .with_columns(_within=pl.lit(1.0))
+    if c.turns == "random":
+        k = c.turns_per_conversation
+        return (turns.with_columns(_h=unit_hash(s.run.seed + 1), _nt=pl.len().over("conversation_id"))
+                .filter(pl.col("_h").rank("ordinal").over("conversation_id") <= k)
+                .with_columns(_within=pl.min_horizontal(pl.lit(float(k)), pl.col("_nt").cast(pl.Float64))
+                              / pl.col("_nt")).drop("_h", "_nt"))
+    return turns.with_columns(_within=pl.lit(1.0))
+
+
+class Retention:
+    """Keeps the raw JSONL lines the draw is likely to pick while the scan reads them, so the
+    fetch does not read (and inflate) the files a second time.
+
+    The draw takes, in each stratum, the n_h units with the smallest seeded hash
+    (tasks/sample.unit_hash); under proportional allocation n_h is about n * N_h / N (at least
+    one). A unit is kept when its hash, as a fraction of 2**64, is below
+    FACTOR * n / N + MARGIN / N_h, with N and N_h the units seen so far, after the run's filters.
+    Those counts only grow, so the thresholds only fall: a unit below its stratum's final
+    threshold is kept when it is read and never pruned, and the final threshold leaves about
+    FACTOR * n_h + MARGIN units per stratum for n_h draws and the replacements of quarantined
+    ones. Memory stays near FACTOR * n + MARGIN * strata lines. A picked line that was not kept
+    (rare; or any line under other allocations, where this is not used) is read in one more
+    pass by tasks/fetch.py, so this changes how fast the fetch is, never what it returns.
+    """
+
+    FACTOR, MARGIN = 2.0, 16.0
+    BUDGET = 256 << 20  # bytes of kept lines; past it nothing is kept and the fetch reads again
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.n = s.sample.n
+        self.strata = list(s.sample.strata)
+        self.seen = 0
+        self.per_stratum: dict[int, int] = {}
+        self.units = pl.DataFrame(schema={"_file": pl.UInt16, "_line": pl.UInt32, "_s": pl.UInt64, "_u": pl.Float64})
+        self.lines: dict[tuple[int, int], bytes] = {}
+        self.size = 0
+        self.off = False  # over BUDGET (a sample near the population's size)
+
+    @classmethod
+    def for_settings(cls, s: Settings | None) -> Retention | None:
+        """A Retention when the allocation is proportional (the bound above holds), else None."""
+        if s is None or s.sample.allocation != "proportional" or s.sample.oversample or s.sample.dedupe:
+            return None
+        return cls(s)
+
+    def add(self, turns: pl.DataFrame, block: bytes, first_line: int) -> None:
+        """Take a block's turns (with _file, _line) and the block's bytes."""
+        c = self.s.sample
+        if self.off:
+            return
+        try:
+            f = filter_turns(turns, self.s.run.production_models, c.created_after, c.created_before,
+                             c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)
+        except SampleError:  # nothing of this block is in the population
+            return
+        if "prefix_bucket" in self.strata:
+            f = f.with_columns(prefix_bucket=prefix_bucket_expr())
+        key = (pl.struct([pl.col(col).cast(pl.String) for col in self.strata]).hash(0) if self.strata
+               else pl.lit(0, dtype=pl.UInt64))
+        units = draw_units(f, self.s).select(
+            "_file", "_line", _s=key, _u=unit_hash(self.s.run.seed).cast(pl.Float64) / 2.0**64)
+        self.seen += units.height
+        for h, k in units.group_by("_s").len().iter_rows():
+            self.per_stratum[h] = self.per_stratum.get(h, 0) + k
+        base = self.FACTOR * self.n / max(self.seen, 1)
+        limit = pl.lit(base) + pl.lit(self.MARGIN) / pl.col("_s").replace_strict(
+            self.per_stratum, return_dtype=pl.Float64)
+        self.units = pl.concat([self.units, units]).filter(pl.col("_u") < limit)
+        need = set(self.units.select("_file", "_line").unique().iter_rows())
+        self.lines = {k: v for k, v in self.lines.items() if k in need}
+        # Units only join at their line's block and thresholds only fall: what is needed and not
+        # held yet is on this block.
+        here = sorted(need - self.lines.keys())
+        for (fi, ln), raw in zip(here, _lines_at(block, [ln - first_line for _, ln in here]), strict=True):
+            self.lines[(fi, ln)] = raw
+        self.size = sum(map(len, self.lines.values()))
+        if self.size > self.BUDGET:
+            self.off, self.lines, self.units = True, {}, self.units.clear()
+
+
+def _lines_at(block: bytes, wanted: list[int]) -> list[bytes]:
+    """Lines number `wanted` (0-based, ascending) of a block, without their newline."""
+    out: list[bytes] = []
+    pos, k = 0, 0
+    for w in wanted:
+        while k < w:
+            pos = block.index(b"\n", pos) + 1
+            k += 1
+        end = block.find(b"\n", pos)
+        out.append(block[pos:end if end >= 0 else len(block)])
+    return out
+
+
 def _jsonl_turns(source: str, file_idx: int, progress: Callable[[int], None] | None,
-                 bad: list[dict[str, Any]]) -> tuple[list[pl.DataFrame], int, dict[str, int]]:
+                 bad: list[dict[str, Any]], retain: Retention | None = None) -> tuple[list[pl.DataFrame], int, dict[str, int]]:
     """Turns of one JSONL(.gz) file, block by block, each carrying its file index and line."""
     frames: list[pl.DataFrame] = []
     rows_in = 0
@@ -410,19 +574,23 @@ def _jsonl_turns(source: str, file_idx: int, progress: Callable[[int], None] | N
         excluded["missing_conversation_id"] = excluded.get("missing_conversation_id", 0) + int(no_id.sum())
         excluded["no_messages"] = excluded.get("no_messages", 0) + int((empty & ~no_id).sum())
         frames.append(turns_of_batch(conv, msgs))
+        if retain is not None:
+            retain.add(frames[-1], block, first_line)
         if progress:  # bytes of the file read so far (the decompression runs a block or two ahead)
             progress(read[0])
             read[0] = 0
     return frames, rows_in, excluded
 
 
-def scan_turns(data: str | None, progress: Callable[[int, int], None] | None = None, threads: int = 2) -> ScanResult:
+def scan_turns(data: str | None, progress: Callable[[int, int], None] | None = None, threads: int = 2,
+               keep: Retention | None = None) -> ScanResult:
     """The turn population of Parquet logs (a file, folder, glob or s3:// prefix).
 
     Args:
         data: where the logs are.
         progress: called with (row groups done, row groups) as the scan goes.
         threads: row groups read at once (Arrow and NumPy release the GIL).
+        keep: keeps the JSONL lines the draw is likely to pick (`kept` of the result).
 
     Rows without a conversation_id or with no messages have no turns; they are counted in
     `excluded` by reason, as are conversation ids seen more than once (all their turns are
@@ -465,7 +633,7 @@ def scan_turns(data: str | None, progress: Callable[[int, int], None] | None = N
             progress(done, max(total, done))
 
     for k, source in jsonl:
-        got, n, out = _jsonl_turns(source, k, tick, bad_lines)
+        got, n, out = _jsonl_turns(source, k, tick, bad_lines, retain=keep)
         frames += got
         rows_in += n
         for key, v in out.items():
@@ -483,7 +651,9 @@ def scan_turns(data: str | None, progress: Callable[[int, int], None] | None = N
     span = {"first": None if firsts.is_null().all() else str(firsts.min()),
             "last": None if firsts.is_null().all() else str(firsts.max()),
             "conversations_without_time": int(firsts.null_count())}
-    return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v}, sources, bad_lines, span)
+    kept = keep.lines if keep is not None and not keep.off else {}
+    return ScanResult(turns, rows_in, len(sources), {k: v for k, v in excluded.items() if v}, sources, bad_lines, span,
+                      kept)
 
 
 def scan_eligible(s: Settings) -> bool:
@@ -498,8 +668,10 @@ def scan_eligible(s: Settings) -> bool:
     return c.scan == "on" or not jsonl or sum(_size(src) for src in jsonl) >= c.scan_jsonl_min_mb * 2**20
 
 
-def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any], ScanResult]:
+def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = None,
+                     retain: bool = False) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any], ScanResult]:
     """The sampling stage over a lazy scan of Parquet logs: the same draw as stages.draw_sample.
+    With `retain`, the JSONL lines the draw is likely to pick are kept for the fetch (Retention).
 
     Returns (sample, strata table, population turns, representativeness, ScanResult).
     """
@@ -508,7 +680,7 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
     unknown = [col for col in c.strata if col not in known]
     if unknown:
         raise SampleError(f"unknown stratum column(s): {', '.join(unknown)} (available: {', '.join(dict.fromkeys(known))})")
-    scanned = scan_turns(s.run.data, progress=progress)
+    scanned = scan_turns(s.run.data, progress=progress, keep=Retention.for_settings(s) if retain else None)
     turns = filter_turns(scanned.turns, s.run.production_models, c.created_after, c.created_before,
                          c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)
     priors = None

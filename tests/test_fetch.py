@@ -12,9 +12,10 @@ import polars as pl
 import pytest
 
 from tasks.config import load_settings
-from tasks.fetch import _units, fetch_raw, scan_fetch_check
+from tasks.fetch import fetch_raw, scan_fetch_check
 from tasks.load import load_raw
 from tasks.sample import stratum_key, unit_hash
+from tasks.scan import draw_units, scan_turns
 from tasks.stages import contract_check, draw_sample
 from tests.conftest import synthetic_rows
 
@@ -75,9 +76,8 @@ def test_quarantined_conversations_are_replaced_in_draw_order(logs: dict[str, An
     else:  # one random turn per conversation: the weights estimate the turn count (no exact total)
         assert sample["weight"].sum() == pytest.approx(run.population, rel=0.15)
     # Per stratum: the n_h valid turns that come first in the draw order, none skipped.
-    from tasks.scan import scan_turns
 
-    units = (_units(scan_turns(s.run.data or "").turns, s).with_columns(stratum=stratum_key(s.sample.strata))
+    units = (draw_units(scan_turns(s.run.data or "").turns, s).with_columns(stratum=stratum_key(s.sample.strata))
              .filter(~pl.col("conversation_id").is_in(list(bad)))
              .with_columns(turn_id=pl.format("{}#{}", "conversation_id", "turn_index"), _k=unit_hash(s.run.seed)))
     for stratum, got in sample.group_by("stratum"):
@@ -94,7 +94,6 @@ def test_a_log_rewritten_by_polars_scans_the_same(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tasks.scan import scan_turns
 
     original = tmp_path / "synth.parquet"
     subprocess.run([sys.executable, "-m", "flows.cli", "synth-logs", "--out", str(original), "--n", "200"],

@@ -91,8 +91,8 @@ def test_a_sampled_conversation_that_breaks_the_contract_or_is_gone_at_fetch_is_
     path = _jsonl(tmp_path / "logs.jsonl", [json.dumps(r) for r in broken])
     real_draw = tasks.fetch.draw_sample_scan
 
-    def draw_then_truncate(s: Any, progress: Any = None) -> Any:
-        out = real_draw(s, progress=progress)
+    def draw_then_truncate(s: Any, progress: Any = None, retain: bool = False) -> Any:
+        out = real_draw(s, progress=progress)  # nothing kept by the scan: the fetch reads the file again
         data = path.read_bytes().split(b"\n")
         path.write_bytes(b"\n".join(data[:500]) + b"\n")                   # the last 100 lines go away
         return out
@@ -154,3 +154,63 @@ def test_too_many_unreadable_lines_stop_the_run_with_the_first_ones_named(tmp_pa
     s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 20, "scan": "on"},
                                  "contract": {"fail_bad_share": 0.2}})
     assert scan_fetch_check(s).levels["scan"]["excluded"] == {"json_parse": 13}  # under the limit: goes on
+
+
+@pytest.mark.parametrize("inflate", ["isal", "zlib"])
+def test_gzip_members_padding_and_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inflate: str) -> None:
+    """Both inflaters read every member of a multi-member .gz (as `cat a.gz b.gz` makes) and its
+    zero padding; a truncated or corrupted file is named with what is wrong, never read short."""
+    monkeypatch.setenv("DEPSIM_INFLATE", inflate)
+    lines = [json.dumps({"conversation_id": f"c{i}", "pad": "x" * (i % 300)}) for i in range(20_000)]
+    data = ("\n".join(lines) + "\n").encode()
+    one, two = gzip.compress(data[: len(data) // 3]), gzip.compress(data[len(data) // 3:])
+    (tmp_path / "multi.jsonl.gz").write_bytes(one + two + b"\x00" * 64)
+    got = b"".join(block for _, block in tasks.scan.jsonl_blocks(str(tmp_path / "multi.jsonl.gz")))
+    assert got == data
+    (tmp_path / "cut.jsonl.gz").write_bytes(one + two[: len(two) // 2])
+    with pytest.raises(InputError, match=r"cut\.jsonl\.gz: (truncated gzip file|not a gzip file)"):
+        list(tasks.scan.jsonl_blocks(str(tmp_path / "cut.jsonl.gz")))
+    bad = bytearray(one)
+    bad[-6] ^= 0xFF  # the member's CRC
+    (tmp_path / "crc.jsonl.gz").write_bytes(bytes(bad))
+    with pytest.raises(InputError, match=r"crc\.jsonl\.gz: (corrupt|not a) gzip file"):
+        list(tasks.scan.jsonl_blocks(str(tmp_path / "crc.jsonl.gz")))
+
+
+@pytest.mark.parametrize(("factor", "margin", "again"), [(2.0, 16.0, False), (0.2, 0.0, True)])
+def test_lines_kept_by_the_scan_give_the_same_fetch_as_reading_again(
+        tmp_path: Path, rows: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+        factor: float, margin: float, again: bool) -> None:
+    """The scan keeps the lines the draw is likely to pick (tasks/scan.Retention); the run is the
+    same as when the fetch reads every sampled line again: with the default bounds every picked
+    line was kept (no second pass), with bounds too tight some are read again, with the same result."""
+    broken = [{**r, "created_at": "yesterday"} if i % 10 == 3 else r for i, r in enumerate(rows)]  # replacements too
+    path = _jsonl(tmp_path / "logs.jsonl.gz", [json.dumps(r) for r in broken])
+    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 60, "scan": "on"}})
+    monkeypatch.setattr(tasks.scan.Retention, "FACTOR", factor)
+    monkeypatch.setattr(tasks.scan.Retention, "MARGIN", margin)
+    kept = scan_fetch_check(s)
+    monkeypatch.setattr(tasks.scan.Retention, "for_settings", classmethod(lambda cls, s: None))
+    read = scan_fetch_check(s)
+    fetch = kept.levels["fetch"]
+    assert fetch["turns_replaced"] > 0 and fetch["lines_from_scan"] > 0
+    assert (fetch["lines_read_again"] > 0) == again
+    assert read.levels["fetch"]["lines_from_scan"] == 0
+    assert kept.sample.equals(read.sample)
+    assert kept.checked.by_rule == read.checked.by_rule
+    assert kept.checked.valid.sort("conversation_id").equals(read.checked.valid.sort("conversation_id"))
+
+
+def test_retention_keeps_a_bounded_superset_of_what_the_draw_picks(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Over many blocks the kept lines hold every picked conversation's line and stay near
+    FACTOR * n + MARGIN * strata lines, far fewer than the file's; other allocations keep nothing."""
+    path = _jsonl(tmp_path / "logs.jsonl", [json.dumps(r) for r in rows])
+    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 40, "scan": "on", "strata": ["surface"]}})
+    sample, _, _, _, scanned = draw_sample_scan(s, retain=True)
+    picked = set(scanned.turns.filter(pl.col("conversation_id").is_in(sample["conversation_id"].implode()))
+                 .select("_file", "_line").unique().iter_rows())
+    assert picked <= set(scanned.kept)
+    strata = scanned.turns.select(s.sample.strata).n_unique()
+    assert len(scanned.kept) <= 2 * 40 + 16 * strata + 40 < len(rows) / 2
+    equal = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 40, "scan": "on", "allocation": "equal"}})
+    assert draw_sample_scan(equal, retain=True)[4].kept == {}
