@@ -154,6 +154,9 @@ class SampleCfg(BaseModel):
     # dedupe or a "labels" prior needs whole conversations. off: always load and check fully.
     scan: Literal["auto", "on", "off"] = "auto"
     scan_jsonl_min_mb: float = Field(256.0, ge=0)
+    # Keep each scanned log's population under <run.store>/cache/scans for the next run over the
+    # same files (any change to a file, even its modification time, scans again; tasks/scan_cache.py).
+    scan_cache: bool = True
 
     @field_validator("scan", mode="before")
     @classmethod

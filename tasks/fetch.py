@@ -264,7 +264,8 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
         dict(sample.group_by("stratum").len().iter_rows()), default=0, return_dtype=pl.Int64))
     levels = {"scan": {"rows_in": scanned.rows_in, "files": scanned.files, "excluded": scanned.excluded,
                        "population_turns": population, "time_range": scanned.time_range,
-                       "bad_lines": scanned.bad_lines[:20]},
+                       "bad_lines": scanned.bad_lines[:20],
+                       **({"from_cache": scanned.cached} if scanned.cached else {})},
               "fetch": {"conversations_fetched": len(fetched), "missing_at_fetch": missing,
                         "quarantined": len(bad), "turns_replaced": replaced, "turns_lost": sum(lost.values()),
                         **lines}}

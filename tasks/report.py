@@ -320,7 +320,10 @@ def levels_line(levels: dict[str, Any]) -> str:
     when = (f", conversations from {span['first'][:19]} to {span['last'][:19]} UTC"
             + (f", {span['conversations_without_time']} without a valid time" if span.get("conversations_without_time") else "")
             if span.get("first") else "")
-    return (f"Checked at two levels. The scan read {scan.get('rows_in', 0):,} rows in {scan.get('files', 0)} file(s) "
+    cached = scan.get("from_cache")
+    read = (f"A scan of these files made {cached['created_at']} (kept in the run store's scan cache, the files "
+            f"unchanged since) read" if cached else "The scan read")
+    return (f"Checked at two levels. {read} {scan.get('rows_in', 0):,} rows in {scan.get('files', 0)} file(s) "
             f"(ids, strata and roles only{when}; left out of the population: {excluded}); the contract above applies to "
             f"the {fetch.get('conversations_fetched', 0):,} sampled conversations fetched: "
             f"{fetch.get('quarantined', 0)} quarantined or missing ({fetch.get('missing_at_fetch', 0)} missing at fetch), "

@@ -57,6 +57,8 @@ class ScanResult:
     time_range: dict[str, Any] = field(default_factory=dict)
     # Raw JSONL lines the draw is likely to pick, kept as the scan read them: (file index, line) -> bytes.
     kept: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    # Set when the result came from tasks/scan_cache: its key, when it was made, whether it had this draw's lines.
+    cached: dict[str, Any] | None = None
 
 
 def _size(source: str) -> int:
@@ -550,35 +552,68 @@ def _lines_at(block: bytes, wanted: list[int]) -> list[bytes]:
     return out
 
 
+def _block_turns(source: str, file_idx: int, first_line: int, block: bytes) -> tuple[pl.DataFrame, int, dict[str, int], list[dict[str, Any]]]:
+    """One block's turns (each with its file index and line), lines, lines left out by rule and
+    the bad lines named. Runs in a worker thread: Arrow's parse and Polars release the GIL."""
+    bad: list[dict[str, Any]] = []
+    tbl, lines, excluded = _block_table(source, first_line, block, bad)
+    conv = pl.from_arrow(tbl.select(list(CONV_COLUMNS)))
+    assert isinstance(conv, pl.DataFrame)
+    conv = _normalise_conv(conv).with_columns(_file=pl.lit(file_idx, pl.UInt16), _line=pl.Series(lines, dtype=pl.UInt32))
+    msgs = tbl.column("messages").combine_chunks()
+    no_id = conv["conversation_id"].is_null().to_numpy()
+    empty = np.diff(msgs.offsets.to_numpy()) == 0
+    keep = ~no_id & ~empty
+    if not keep.all():
+        conv, msgs = conv.filter(pl.Series(keep)), msgs.filter(pa.array(keep))
+    excluded["missing_conversation_id"] = int(no_id.sum())
+    excluded["no_messages"] = int((empty & ~no_id).sum())
+    n_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+    return turns_of_batch(conv, msgs), n_lines, excluded, bad
+
+
 def _jsonl_turns(source: str, file_idx: int, progress: Callable[[int], None] | None,
-                 bad: list[dict[str, Any]], retain: Retention | None = None) -> tuple[list[pl.DataFrame], int, dict[str, int]]:
-    """Turns of one JSONL(.gz) file, block by block, each carrying its file index and line."""
+                 bad: list[dict[str, Any]], retain: Retention | None = None,
+                 threads: int = 2) -> tuple[list[pl.DataFrame], int, dict[str, int]]:
+    """Turns of one JSONL(.gz) file, block by block, each carrying its file index and line.
+
+    The file inflates in one thread, `threads` blocks are parsed at once in others, and the
+    results are taken in file order (the retention and the bad lines see the blocks in order).
+    """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     frames: list[pl.DataFrame] = []
     rows_in = 0
     excluded: dict[str, int] = {}
     read = [0]
-    for first_line, block in prefetched(jsonl_blocks(source, on_read=lambda n: read.__setitem__(0, read[0] + n))):
-        tbl, lines, out = _block_table(source, first_line, block, bad)
-        rows_in += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+
+    def take(first_line: int, block: bytes, fut: Future[Any]) -> None:
+        nonlocal rows_in
+        turns, n_lines, out, named = fut.result()
+        rows_in += n_lines
         for key, v in out.items():
             excluded[key] = excluded.get(key, 0) + v
-        conv = pl.from_arrow(tbl.select(list(CONV_COLUMNS)))
-        assert isinstance(conv, pl.DataFrame)
-        conv = _normalise_conv(conv).with_columns(_file=pl.lit(file_idx, pl.UInt16), _line=pl.Series(lines, dtype=pl.UInt32))
-        msgs = tbl.column("messages").combine_chunks()
-        no_id = conv["conversation_id"].is_null().to_numpy()
-        empty = np.diff(msgs.offsets.to_numpy()) == 0
-        keep = ~no_id & ~empty
-        if not keep.all():
-            conv, msgs = conv.filter(pl.Series(keep)), msgs.filter(pa.array(keep))
-        excluded["missing_conversation_id"] = excluded.get("missing_conversation_id", 0) + int(no_id.sum())
-        excluded["no_messages"] = excluded.get("no_messages", 0) + int((empty & ~no_id).sum())
-        frames.append(turns_of_batch(conv, msgs))
+        bad.extend(named[:max(0, 100 - len(bad))])
+        frames.append(turns)
         if retain is not None:
-            retain.add(frames[-1], block, first_line)
+            retain.add(turns, block, first_line)
         if progress:  # bytes of the file read so far (the decompression runs a block or two ahead)
             progress(read[0])
             read[0] = 0
+
+    pending: deque[tuple[int, bytes, Future[Any]]] = deque()
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="depsim-scan") as pool:
+        try:
+            for first_line, block in prefetched(jsonl_blocks(source, on_read=lambda n: read.__setitem__(0, read[0] + n))):
+                pending.append((first_line, block, pool.submit(_block_turns, source, file_idx, first_line, block)))
+                if len(pending) > threads:
+                    take(*pending.popleft())
+            while pending:
+                take(*pending.popleft())
+        finally:
+            for *_, fut in pending:
+                fut.cancel()
     return frames, rows_in, excluded
 
 
@@ -633,7 +668,7 @@ def scan_turns(data: str | None, progress: Callable[[int, int], None] | None = N
             progress(done, max(total, done))
 
     for k, source in jsonl:
-        got, n, out = _jsonl_turns(source, k, tick, bad_lines, retain=keep)
+        got, n, out = _jsonl_turns(source, k, tick, bad_lines, retain=keep, threads=threads)
         frames += got
         rows_in += n
         for key, v in out.items():
@@ -680,7 +715,16 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
     unknown = [col for col in c.strata if col not in known]
     if unknown:
         raise SampleError(f"unknown stratum column(s): {', '.join(unknown)} (available: {', '.join(dict.fromkeys(known))})")
-    scanned = scan_turns(s.run.data, progress=progress, keep=Retention.for_settings(s) if retain else None)
+    scanned = None
+    if c.scan_cache:
+        from tasks import scan_cache
+
+        key = scan_cache.log_key(s.run.data)
+        scanned = scan_cache.load(s, key)
+    if scanned is None:
+        scanned = scan_turns(s.run.data, progress=progress, keep=Retention.for_settings(s) if retain else None)
+        if c.scan_cache:
+            scan_cache.save(s, key, scanned)
     turns = filter_turns(scanned.turns, s.run.production_models, c.created_after, c.created_before,
                          c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)
     priors = None

@@ -186,7 +186,7 @@ def test_lines_kept_by_the_scan_give_the_same_fetch_as_reading_again(
     line was kept (no second pass), with bounds too tight some are read again, with the same result."""
     broken = [{**r, "created_at": "yesterday"} if i % 10 == 3 else r for i, r in enumerate(rows)]  # replacements too
     path = _jsonl(tmp_path / "logs.jsonl.gz", [json.dumps(r) for r in broken])
-    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 60, "scan": "on"}})
+    s = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 60, "scan": "on", "scan_cache": False}})
     monkeypatch.setattr(tasks.scan.Retention, "FACTOR", factor)
     monkeypatch.setattr(tasks.scan.Retention, "MARGIN", margin)
     kept = scan_fetch_check(s)

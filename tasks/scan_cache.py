@@ -1,0 +1,146 @@
+"""The scan of a log, kept beside the runs for the next run over the same log.
+
+A run after every training checkpoint reads the same production log each time, and scanning a
+10M-turn JSONL.gz log is most of such a run's time. The scan's result (the turn population, what
+it excluded and why, the time range) is kept under <run.store>/cache/scans/<key>/, where the
+key is a fingerprint of the log files (each file's name, size and modification time, plus
+tasks/fetch.data_digest's content samples) and of the scan's own code (tasks/scan.py,
+tasks/sample.py).
+Any change to a file (a rewrite, an append, a touch) changes the key, and the log is scanned
+again. The lines the scan kept for the fetch (tasks/scan.Retention) are kept too, under the
+draw settings that chose them (seed, n, strata, allocation, turn choice, filters); another draw
+over a cached population fetches its lines in one pass over the files.
+
+`sample.scan_cache: false` turns it off. The newest KEEP entries are kept, the rest removed.
+An unreadable entry is a miss (logged), never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from tasks.config import Settings
+from tasks.load import resolve_sources
+
+log = logging.getLogger("depsim.scan_cache")
+
+FORMAT = 1  # bump when ScanResult or the turn table changes
+KEEP = 4
+
+
+def cache_root(s: Settings) -> Path:
+    """<run.store>/cache/scans (a local folder beside the runs; .depsim/cache/scans for an S3 store)."""
+    root = s.run.store if not s.run.store.startswith("s3://") else ".depsim"
+    return Path(root) / "cache" / "scans"
+
+
+def _file_stat(source: str) -> str:
+    if source.startswith("s3://"):
+        from tasks.store import s3_filesystem
+
+        fs, path = s3_filesystem(source)
+        info = fs.get_file_info(path)
+        return f"{info.size}:{info.mtime_ns}"
+    st = os.stat(source)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def log_key(data: str | None) -> str:
+    """The log's fingerprint: file names, sizes, modification times and content samples."""
+    import tasks.sample
+    import tasks.scan
+    from tasks.fetch import data_digest
+
+    h = hashlib.sha256(f"depsim-scan-{FORMAT}".encode())
+    for module in (tasks.scan, tasks.sample):  # a change to the scan's code scans again
+        h.update(Path(str(module.__file__)).read_bytes())
+    for source in resolve_sources(data):
+        h.update(f"{source}\0{_file_stat(source)}\0".encode())
+    h.update(data_digest(data).encode())
+    return h.hexdigest()[:24]
+
+
+def draw_key(s: Settings) -> str:
+    """What decides which lines the scan keeps for the fetch."""
+    c = s.sample
+    fields = {"seed": s.run.seed, "n": c.n, "strata": list(c.strata), "allocation": c.allocation,
+              "turns": c.turns, "k": c.turns_per_conversation, "models": list(s.run.production_models),
+              "after": str(c.created_after), "before": str(c.created_before), "surfaces": c.surfaces,
+              "task_types": c.task_types, "languages": c.languages, "min": c.min_prefix_len, "max": c.max_prefix_len}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load(s: Settings, key: str) -> Any | None:
+    """The cached ScanResult of this log, with the kept lines of this draw when there are any; None on a miss."""
+    from tasks.scan import ScanResult
+
+    entry = cache_root(s) / key
+    meta_path = entry / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        turns = pl.read_parquet(entry / "turns.parquet")
+        kept: dict[tuple[int, int], bytes] = {}
+        kept_path = entry / f"kept-{draw_key(s)}.parquet"
+        if kept_path.is_file():
+            frame = pl.read_parquet(kept_path)
+            kept = {(f, ln): raw for f, ln, raw in frame.iter_rows()}
+    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+        log.warning("scan cache %s: unreadable, scanning the log again: %s", entry, exc)
+        return None
+    os.utime(meta_path)  # most recently used
+    result = ScanResult(turns, meta["rows_in"], meta["files"], meta["excluded"], meta["sources"],
+                        meta["bad_lines"], meta["time_range"], kept)
+    result.cached = {"key": key, "created_at": meta["created_at"], "kept_lines": bool(kept)}
+    return result
+
+
+def save(s: Settings, key: str, scanned: Any) -> None:
+    """Write the entry (a new folder, renamed into place), or add this draw's kept lines to it."""
+    root = cache_root(s)
+    entry = root / key
+    kept = pl.DataFrame({"_file": [f for f, _ in scanned.kept], "_line": [ln for _, ln in scanned.kept],
+                         "raw": list(scanned.kept.values())},
+                        schema={"_file": pl.UInt16, "_line": pl.UInt32, "raw": pl.Binary})
+    try:
+        if (entry / "meta.json").is_file():  # another draw over a cached population
+            if kept.height:
+                tmp = entry / f".kept-{os.getpid()}.tmp"
+                kept.write_parquet(tmp)
+                os.replace(tmp, entry / f"kept-{draw_key(s)}.parquet")
+            return
+        tmp_dir = root / f".{key}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        scanned.turns.write_parquet(tmp_dir / "turns.parquet")
+        if kept.height:
+            kept.write_parquet(tmp_dir / f"kept-{draw_key(s)}.parquet")
+        meta = {"format": FORMAT, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "data": s.run.data, "rows_in": scanned.rows_in, "files": scanned.files,
+                "excluded": scanned.excluded, "sources": scanned.sources, "bad_lines": scanned.bad_lines,
+                "time_range": scanned.time_range}
+        (tmp_dir / "meta.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
+        try:
+            os.replace(tmp_dir, entry)
+        except OSError:  # another run wrote it first
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        _prune(root)
+    except OSError as exc:  # a cache that cannot be written costs the next run a scan, nothing else
+        log.warning("scan cache %s: not written: %s", entry, exc)
+
+
+def _prune(root: Path) -> None:
+    entries = sorted((p for p in root.iterdir() if (p / "meta.json").is_file()),
+                     key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
+    for old in entries[KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""The scan cache (tasks/scan_cache.py): a second run over the same log does not scan it and
+draws the same sample; any change to a file scans again; another draw over a cached population
+fetches its lines from the files; an unreadable entry is a miss; off means nothing is written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+import tasks.scan
+from tasks.config import load_settings
+from tasks.fetch import scan_fetch_check
+from tests.conftest import synthetic_rows
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict[str, Any]]:
+    return synthetic_rows(400, seed=21)
+
+
+def _log(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_bytes(gzip.compress(("\n".join(json.dumps(r) for r in rows) + "\n").encode()))
+    return path
+
+
+def _settings(tmp_path: Path, data: Path, **sample: Any) -> Any:
+    return load_settings(overrides={"run": {"data": str(data), "store": str(tmp_path / "runs")},
+                                    "sample": {"n": 50, "scan": "on", **sample}})
+
+
+def _no_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the log was scanned again")
+    monkeypatch.setattr(tasks.scan, "scan_turns", fail)
+
+
+def test_a_second_run_over_the_same_log_reads_the_cache(tmp_path: Path, rows: list[dict[str, Any]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _log(tmp_path / "logs.jsonl.gz", rows)
+    s = _settings(tmp_path, data)
+    first = scan_fetch_check(s)
+    assert "from_cache" not in first.levels["scan"]
+    with monkeypatch.context() as m:
+        _no_scan(m)
+        second = scan_fetch_check(s)
+    assert second.sample.equals(first.sample) and second.population == first.population
+    scan = second.levels["scan"]
+    assert scan["from_cache"]["kept_lines"] is True
+    assert {k: v for k, v in scan.items() if k != "from_cache"} == first.levels["scan"]
+    assert second.levels["fetch"]["lines_read_again"] == 0  # this draw's lines were kept too
+    # Another draw over the cached population: no scan, its lines read from the file in one pass.
+    other = _settings(tmp_path, data, n=30)
+    with monkeypatch.context() as m:
+        _no_scan(m)
+        third = scan_fetch_check(other)
+    assert third.levels["scan"]["from_cache"]["kept_lines"] is False
+    assert third.levels["fetch"]["lines_read_again"] == third.levels["fetch"]["conversations_fetched"] > 0
+    monkeypatch.setattr(tasks.scan.Retention, "for_settings", classmethod(lambda cls, s: None))
+    fresh = scan_fetch_check(_settings(tmp_path / "elsewhere", data, n=30))
+    assert third.sample.equals(fresh.sample)
+
+
+def test_a_changed_file_is_scanned_again(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    data = _log(tmp_path / "logs.jsonl.gz", rows)
+    s = _settings(tmp_path, data)
+    scan_fetch_check(s)
+    _log(data, rows[:300])  # rewritten with fewer conversations
+    again = scan_fetch_check(s)
+    assert "from_cache" not in again.levels["scan"] and again.levels["scan"]["rows_in"] == 300
+    os.utime(data, ns=(1, 1))  # the same bytes, another modification time
+    assert "from_cache" not in scan_fetch_check(s).levels["scan"]
+    assert "from_cache" in scan_fetch_check(s).levels["scan"]
+
+
+def test_unreadable_entry_is_a_miss_and_off_writes_nothing(tmp_path: Path, rows: list[dict[str, Any]],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    data = _log(tmp_path / "logs.jsonl.gz", rows)
+    s = _settings(tmp_path, data)
+    first = scan_fetch_check(s)
+    (entry,) = [p for p in (tmp_path / "runs" / "cache" / "scans").iterdir() if not p.name.startswith(".")]
+    (entry / "turns.parquet").write_bytes(b"PAR1 torn")
+    again = scan_fetch_check(s)
+    assert "from_cache" not in again.levels["scan"] and again.sample.equals(first.sample)
+    assert "unreadable, scanning the log again" in caplog.text
+    off = _settings(tmp_path / "off", data, scan_cache=False)
+    scan_fetch_check(off)
+    assert not (tmp_path / "off" / "runs" / "cache" / "scans").exists()
+
+
+def test_cached_population_keeps_its_types(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    data = _log(tmp_path / "logs.jsonl.gz", rows)
+    s = _settings(tmp_path, data)
+    scanned = tasks.scan.draw_sample_scan(s, retain=True)[4]
+    cached = tasks.scan.draw_sample_scan(s, retain=True)[4]
+    assert cached.cached is not None and scanned.cached is None
+    assert cached.turns.schema == scanned.turns.schema
+    assert cached.turns.with_columns(pl.col(pl.Categorical).cast(pl.String)).equals(
+        scanned.turns.with_columns(pl.col(pl.Categorical).cast(pl.String)))
+    assert cached.kept == scanned.kept and cached.time_range == scanned.time_range
