@@ -15,7 +15,8 @@ is also written as JSONL.gz (once, gzip level 1) and run the same way: a lazy sc
 roles), keeping the lines the draw is likely to pick (a pass more for any picked line it did not
 keep). Targets at 10M turns: <= 120 s, <= 2 GiB. With --warm each log
 is run a second time with the same run store: the population and the sampled lines come from
-the scan cache (tasks/scan_cache.py), as for a run after the next training checkpoint.
+the scan cache (tasks/scan_cache.py), as for a run after the next training checkpoint (every
+model call is made again: the model-call cache is off for it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_bench import ensure_log
+
+# The second run is a new checkpoint's: every model call made again (the model-call cache off),
+# only the scan's population and kept lines from the run store.
+WARM = {"DEPSIM_REPLAY__CACHE": "false"}
 
 
 def run(log: Path, n: int, tmp: str, tag: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -115,7 +120,7 @@ def main() -> None:
                 entry["log_bytes"] = log.stat().st_size
                 entry["scan"] = run(log, args.n, tmp, f"scan-{size}")
                 if args.warm:
-                    entry["scan_warm"] = run(log, args.n, tmp, f"scan-{size}")
+                    entry["scan_warm"] = run(log, args.n, tmp, f"scan-{size}", WARM)
                 if size == args.small and not args.no_full:
                     entry["full_loader"] = run(log, args.n, tmp, f"full-{size}", {"DEPSIM_SAMPLE__SCAN": "off"})
             if "jsonl.gz" in formats:
@@ -123,7 +128,7 @@ def main() -> None:
                 entry["jsonl_gz_bytes"] = gz.stat().st_size
                 entry["jsonl_gz_scan"] = run(gz, args.n, tmp, f"jsonl-{size}")
                 if args.warm:
-                    entry["jsonl_gz_warm"] = run(gz, args.n, tmp, f"jsonl-{size}")
+                    entry["jsonl_gz_warm"] = run(gz, args.n, tmp, f"jsonl-{size}", WARM)
             result["runs"][str(size)] = entry
             if not args.json:
                 print(f"{size:>11,} turns: {json.dumps(entry)}", flush=True)

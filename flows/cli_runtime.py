@@ -107,6 +107,7 @@ class ServerStart:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self.server.start()
+            _watch(self.server.server_process)
         except BaseException as exc:  # handed to the main thread by wait()
             self.error = exc
         finally:
@@ -147,6 +148,40 @@ class ServerStart:
                                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL "
                                "to a running `prefect server start`") from self.error
         return time.perf_counter() - self.t0
+
+
+# Stops the temporary Prefect server when the CLI dies without its exit handlers (SIGKILL, the
+# OOM killer): it polls its parent, then terminates the server if that pid is still a Prefect
+# server (not a process that reused the pid).
+_WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.5)
+try:
+    with open("/proc/%d/cmdline" % server, "rb") as fh:
+        ours = b"prefect.server" in fh.read()
+except OSError:
+    ours = False
+if ours:
+    try:
+        os.kill(server, signal.SIGTERM)
+        for _ in range(50):
+            time.sleep(0.1)
+            os.kill(server, 0)
+        os.kill(server, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def _watch(process: subprocess.Popen[bytes] | None) -> None:
+    """Start the watchdog of the temporary server (Linux: it reads /proc to know the pid's process)."""
+    if process is None or not sys.platform.startswith("linux"):
+        return
+    subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(process.pid)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     env={}, start_new_session=True, close_fds=True)  # no terminal signal reaches it
 
 
 def start_prefect(note: Callable[[str], None]) -> ServerStart | None:

@@ -270,6 +270,8 @@ def scan_fetch_check(s: Settings, progress: Callable[[str, int, int | None], Non
                         "quarantined": len(bad), "turns_replaced": replaced, "turns_lost": sum(lost.values()),
                         **lines}}
     checked.levels = levels
+    if scanned.saving is not None:  # the scan cache's write overlapped the fetch and check
+        scanned.saving.join()
     return ScanRun(sample, table, population, representativeness(table, sample), checked,
                    data_digest(s.run.data), levels)
 

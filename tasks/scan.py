@@ -59,6 +59,8 @@ class ScanResult:
     kept: dict[tuple[int, int], bytes] = field(default_factory=dict)
     # Set when the result came from tasks/scan_cache: its key, when it was made, whether it had this draw's lines.
     cached: dict[str, Any] | None = None
+    # The scan cache's write of this result, running in a thread (join() before relying on it).
+    saving: Any = None
 
 
 def _size(source: str) -> int:
@@ -723,8 +725,8 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
         scanned = scan_cache.load(s, key)
     if scanned is None:
         scanned = scan_turns(s.run.data, progress=progress, keep=Retention.for_settings(s) if retain else None)
-        if c.scan_cache:
-            scan_cache.save(s, key, scanned)
+        if c.scan_cache:  # written in a thread while the run goes on (finished before the process exits)
+            scanned.saving = scan_cache.save_in_background(s, key, scanned)
     turns = filter_turns(scanned.turns, s.run.production_models, c.created_after, c.created_before,
                          c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)
     priors = None

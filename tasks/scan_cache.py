@@ -17,11 +17,13 @@ An unreadable entry is a miss (logged), never an error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -139,8 +141,24 @@ def save(s: Settings, key: str, scanned: Any) -> None:
         log.warning("scan cache %s: not written: %s", entry, exc)
 
 
+def save_in_background(s: Settings, key: str, scanned: Any) -> threading.Thread:
+    """save() in a thread (Parquet writes release the GIL): about 2 s at 10M turns that the run
+    need not wait for. Not a daemon: the interpreter finishes the write before it exits."""
+    from tasks.scan import ScanResult
+
+    snapshot = ScanResult(scanned.turns, scanned.rows_in, scanned.files, dict(scanned.excluded), list(scanned.sources),
+                          list(scanned.bad_lines), dict(scanned.time_range), dict(scanned.kept))
+    thread = threading.Thread(target=save, args=(s, key, snapshot), name="depsim-scan-cache")
+    thread.start()
+    return thread
+
+
 def _prune(root: Path) -> None:
     entries = sorted((p for p in root.iterdir() if (p / "meta.json").is_file()),
                      key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
     for old in entries[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
+    for torn in root.glob(".*.tmp"):  # a writer killed mid-way, an hour ago or more
+        with contextlib.suppress(OSError):
+            if time.time() - torn.stat().st_mtime > 3600:
+                shutil.rmtree(torn, ignore_errors=True)

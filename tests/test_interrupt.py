@@ -144,3 +144,22 @@ def test_sigterm_during_replay_stops_cleanly_and_the_printed_command_resumes(tmp
     out = json.loads(rerun.stdout)
     assert out["cache_hits"] > 0  # the interrupted run's completed calls are not made again
     assert out["sampled_turns"] == 500
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watchdog reads /proc")
+def test_sigkill_leaves_no_temporary_prefect_server_behind(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) runs no exit handler; the watchdog stops the server."""
+    args = ["run", "--n", "300", "--store", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    run = _Run(args, tmp_path)
+    try:
+        run.wait_for_replay()
+        assert _servers_of(run.home)  # the temporary server is up
+        run.proc.kill()  # the CLI alone, as the OOM killer would
+        run.proc.wait(10)
+        deadline = time.monotonic() + 20
+        while _servers_of(run.home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _servers_of(run.home) == []
+    finally:
+        run.kill()

@@ -97,6 +97,7 @@ def test_cached_population_keeps_its_types(tmp_path: Path, rows: list[dict[str, 
     data = _log(tmp_path / "logs.jsonl.gz", rows)
     s = _settings(tmp_path, data)
     scanned = tasks.scan.draw_sample_scan(s, retain=True)[4]
+    scanned.saving.join()
     cached = tasks.scan.draw_sample_scan(s, retain=True)[4]
     assert cached.cached is not None and scanned.cached is None
     assert cached.turns.schema == scanned.turns.schema
