@@ -7,6 +7,7 @@ Used by `depsim run` (flows/cli.py) and `depsim backtest` (flows/cli_measure.py)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -105,13 +107,20 @@ class ServerStart:
     def _start(self) -> None:
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        threading.Thread(target=self._watch_when_spawned, name="depsim-prefect-watch", daemon=True).start()
         try:
             self.server.start()
-            _watch(self.server.server_process)
         except BaseException as exc:  # handed to the main thread by wait()
             self.error = exc
         finally:
             self.done.set()
+
+    def _watch_when_spawned(self) -> None:
+        """Start the watchdog as soon as the server process exists (its start-up takes 10–20 s)."""
+        while self.server.server_process is None and not self.done.is_set():
+            time.sleep(0.05)
+        if self.server.server_process is not None:
+            _watch(self.server.server_process)
 
     def abandon(self) -> None:
         """Interrupted while the server starts: stop it and leave now, skipping Python's shutdown.
@@ -151,37 +160,54 @@ class ServerStart:
 
 
 # Stops the temporary Prefect server when the CLI dies without its exit handlers (SIGKILL, the
-# OOM killer): it polls its parent, then terminates the server if that pid is still a Prefect
-# server (not a process that reused the pid).
+# OOM killer): it polls its parent, then terminates the server if that pid is still the same
+# process (its start time in /proc/<pid>/stat, checked again before SIGKILL).
 _WATCHDOG = """
 import os, signal, sys, time
-parent, server = int(sys.argv[1]), int(sys.argv[2])
+parent, server, started = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def same():
+    try:
+        with open("/proc/%d/stat" % server, "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode() == started
+    except (OSError, IndexError):
+        return False
 while os.getppid() == parent:
     time.sleep(0.5)
 try:
-    with open("/proc/%d/cmdline" % server, "rb") as fh:
-        ours = b"prefect.server" in fh.read()
-except OSError:
-    ours = False
-if ours:
-    try:
+    if same():
         os.kill(server, signal.SIGTERM)
         for _ in range(50):
             time.sleep(0.1)
-            os.kill(server, 0)
-        os.kill(server, signal.SIGKILL)
-    except OSError:
-        pass
+            if not same():
+                break
+        else:
+            os.kill(server, signal.SIGKILL)
+except OSError:
+    pass
 """
+_watchdogs: list[subprocess.Popen[bytes]] = []  # kept: a dropped Popen of a live process warns
 
 
-def _watch(process: subprocess.Popen[bytes] | None) -> None:
-    """Start the watchdog of the temporary server (Linux: it reads /proc to know the pid's process)."""
-    if process is None or not sys.platform.startswith("linux"):
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks): a pid's identity over reuse."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _watch(process: subprocess.Popen[bytes]) -> None:
+    """Start the watchdog of the temporary server (Linux: it reads /proc). A watchdog that cannot
+    start costs only this protection."""
+    started = _start_time(process.pid) if sys.platform.startswith("linux") else None
+    if started is None:
         return
-    subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(process.pid)],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     env={}, start_new_session=True, close_fds=True)  # no terminal signal reaches it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    with contextlib.suppress(OSError):
+        _watchdogs.append(subprocess.Popen(
+            [sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(process.pid), started],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, start_new_session=True, close_fds=True))  # no terminal signal reaches it
 
 
 def start_prefect(note: Callable[[str], None]) -> ServerStart | None:

@@ -39,6 +39,8 @@ from tasks.sample import (
 )
 
 CONV_COLUMNS = ("conversation_id", "model", "created_at", "surface", "task_type", "language")
+# What turns_of_batch adds to them.
+TURN_COLUMNS = ("turn_index", "user_msg_index", "end_msg_index", "prefix_len", "uses_tools", "has_response")
 _MSG_DTYPE = pl.List(pl.Struct({"role": pl.String, "tool_calls": pl.List(pl.Struct({"type": pl.String}))}))
 
 
@@ -263,8 +265,10 @@ class _Gzip:
                 if self._member:
                     raise EOFError("the file ends inside a gzip member")
                 break
-            if not self._member and not chunk.strip(b"\x00"):  # padding after the last member
-                continue
+            if not self._member:  # zero padding between or after members (as gzip.decompress allows)
+                chunk = chunk.lstrip(b"\x00")
+                if not chunk:
+                    continue
             self._member = True
             try:
                 piece = self._d.decompress(chunk, n - size)
@@ -328,7 +332,8 @@ def jsonl_blocks(source: str, block_bytes: int | None = None,
             except (OSError, EOFError, pa.ArrowException) as exc:
                 kind = ("cannot read" if not source.endswith(".gz") else
                         "truncated gzip file" if isinstance(exc, EOFError) or "truncated" in str(exc).lower() else
-                        "corrupt gzip file" if "checksum" in str(exc).lower() else "not a gzip file")
+                        "corrupt gzip file" if any(w in str(exc).lower() for w in ("checksum", "data check", "length check"))
+                        else "not a gzip file")
                 raise InputError(f"{source}: {kind}: {exc}") from exc
             if first:
                 first = False
@@ -505,6 +510,8 @@ class Retention:
         """A Retention when the allocation is proportional (the bound above holds), else None."""
         if s is None or s.sample.allocation != "proportional" or s.sample.oversample or s.sample.dedupe:
             return None
+        if not set(s.sample.strata) <= {*CONV_COLUMNS, *TURN_COLUMNS, "prefix_bucket"}:
+            return None  # a stratum the scan does not have: the draw names it (SampleError)
         return cls(s)
 
     def units_of(self, turns: pl.DataFrame) -> pl.DataFrame:
@@ -738,15 +745,15 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
     unknown = [col for col in c.strata if col not in known]
     if unknown:
         raise SampleError(f"unknown stratum column(s): {', '.join(unknown)} (available: {', '.join(dict.fromkeys(known))})")
-    scanned = None
+    scanned, key = None, None
     if c.scan_cache:
         from tasks import scan_cache
 
-        key = scan_cache.log_key(s.run.data)
-        scanned = scan_cache.load(s, key)
+        key = scan_cache.log_key(s.run.data)  # None when a file cannot be read: the scan names it
+        scanned = scan_cache.load(s, key) if key else None
     if scanned is None:
         scanned = scan_turns(s.run.data, progress=progress, keep=Retention.for_settings(s) if retain else None)
-        if c.scan_cache:  # written in a thread while the run goes on (finished before the process exits)
+        if key:  # written in a thread while the run goes on (finished before the process exits)
             scanned.saving = scan_cache.save_in_background(s, key, scanned)
     turns = filter_turns(scanned.turns, s.run.production_models, c.created_after, c.created_before,
                          c.surfaces, c.task_types, c.languages, c.min_prefix_len, c.max_prefix_len)

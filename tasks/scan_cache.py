@@ -4,10 +4,11 @@ A run after every training checkpoint reads the same production log each time, a
 10M-turn JSONL.gz log is most of such a run's time. The scan's result (the turn population, what
 it excluded and why, the time range) is kept under <run.store>/cache/scans/<key>/, where the
 key is a fingerprint of the log files (each file's name, size and modification time, plus
-tasks/fetch.data_digest's content samples) and of the scan's own code (tasks/scan.py,
-tasks/sample.py).
-Any change to a file (a rewrite, an append, a touch) changes the key, and the log is scanned
-again. The lines the scan kept for the fetch (tasks/scan.Retention) are kept too, under the
+tasks/fetch.data_digest's content samples every 64 MB) and of the code that reads them
+(tasks/scan.py, sample.py, load.py, check.py; the pyarrow and polars versions). A rewrite, an
+append or a touch changes the key and the log is scanned again; a rewrite that keeps a file's
+size and modification time (`cp -p`) and changes bytes only between the samples is not seen:
+turn the cache off (`sample.scan_cache: false`) where logs are rewritten that way. The lines the scan kept for the fetch (tasks/scan.Retention) are kept too, under the
 draw settings that chose them (seed, n, strata, allocation, turn choice, filters); another draw
 over a cached population fetches its lines in one pass over the files.
 
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,14 +58,29 @@ def _file_stat(source: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def log_key(data: str | None) -> str:
-    """The log's fingerprint: file names, sizes, modification times and content samples."""
+def log_key(data: str | None) -> str | None:
+    """The log's fingerprint: file names, sizes, modification times and content samples; None
+    when a file cannot be read (the scan then names it with its own error)."""
+    import pyarrow as pa
+
+    try:
+        return _log_key(data)
+    except (OSError, pa.ArrowException) as exc:
+        log.info("scan cache: not used (%s)", exc)
+        return None
+
+
+def _log_key(data: str | None) -> str:
+    import pyarrow
+
+    import tasks.check
+    import tasks.load
     import tasks.sample
     import tasks.scan
     from tasks.fetch import data_digest
 
-    h = hashlib.sha256(f"depsim-scan-{FORMAT}".encode())
-    for module in (tasks.scan, tasks.sample):  # a change to the scan's code scans again
+    h = hashlib.sha256(f"depsim-scan-{FORMAT}-{pyarrow.__version__}-{pl.__version__}".encode())
+    for module in (tasks.scan, tasks.sample, tasks.load, tasks.check):  # a change to the scan's code scans again
         h.update(Path(str(module.__file__)).read_bytes())
     for source in resolve_sources(data):
         h.update(f"{source}\0{_file_stat(source)}\0".encode())
@@ -97,10 +114,12 @@ def load(s: Settings, key: str) -> Any | None:
         if kept_path.is_file():
             frame = pl.read_parquet(kept_path)
             kept = {(f, ln): raw for f, ln, raw in frame.iter_rows()}
-    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+    except (OSError, ValueError, KeyError, pl.exceptions.PolarsError) as exc:
         log.warning("scan cache %s: unreadable, scanning the log again: %s", entry, exc)
+        _evict(entry)  # so that this run's scan replaces it
         return None
-    os.utime(meta_path)  # most recently used
+    with contextlib.suppress(OSError):  # most recently used (a read-only store still reads)
+        os.utime(meta_path)
     result = ScanResult(turns, meta["rows_in"], meta["files"], meta["excluded"], meta["sources"],
                         meta["bad_lines"], meta["time_range"], kept)
     result.cached = {"key": key, "created_at": meta["created_at"], "kept_lines": bool(kept)}
@@ -117,13 +136,15 @@ def save(s: Settings, key: str, scanned: Any) -> None:
     try:
         if (entry / "meta.json").is_file():  # another draw over a cached population
             if kept.height:
-                tmp = entry / f".kept-{os.getpid()}.tmp"
+                fd, tmp = tempfile.mkstemp(dir=entry, prefix=".kept-", suffix=".tmp")
+                os.close(fd)
                 kept.write_parquet(tmp)
                 os.replace(tmp, entry / f"kept-{draw_key(s)}.parquet")
             return
-        tmp_dir = root / f".{key}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
+        if entry.exists():  # a folder without meta.json: an eviction or write cut short
+            _evict(entry)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.", suffix=".tmp"))
         scanned.turns.write_parquet(tmp_dir / "turns.parquet")
         if kept.height:
             kept.write_parquet(tmp_dir / f"kept-{draw_key(s)}.parquet")
@@ -153,12 +174,27 @@ def save_in_background(s: Settings, key: str, scanned: Any) -> threading.Thread:
     return thread
 
 
+def _evict(entry: Path) -> None:
+    """Remove an entry: renamed aside first, so a half-removed one never sits under its key."""
+    trash = entry.with_name(f".{entry.name}.{os.getpid()}.{time.monotonic_ns()}.trash")
+    try:
+        os.replace(entry, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _prune(root: Path) -> None:
-    entries = sorted((p for p in root.iterdir() if (p / "meta.json").is_file()),
-                     key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
-    for old in entries[KEEP:]:
-        shutil.rmtree(old, ignore_errors=True)
-    for torn in root.glob(".*.tmp"):  # a writer killed mid-way, an hour ago or more
-        with contextlib.suppress(OSError):
+    entries: list[Path] = []
+    broken: list[Path] = []
+    for p in root.iterdir():
+        if p.name.startswith("."):
+            continue
+        (entries if (p / "meta.json").is_file() else broken).append(p)
+    entries.sort(key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
+    for old in entries[KEEP:] + broken:
+        _evict(old)
+    for torn in [*root.glob(".*.tmp"), *root.glob(".*.trash"), *root.glob("*/.kept-*.tmp")]:
+        with contextlib.suppress(OSError):  # a writer killed mid-way, an hour ago or more
             if time.time() - torn.stat().st_mtime > 3600:
-                shutil.rmtree(torn, ignore_errors=True)
+                shutil.rmtree(torn, ignore_errors=True) if torn.is_dir() else torn.unlink()

@@ -88,6 +88,10 @@ def test_unreadable_entry_is_a_miss_and_off_writes_nothing(tmp_path: Path, rows:
     again = scan_fetch_check(s)
     assert "from_cache" not in again.levels["scan"] and again.sample.equals(first.sample)
     assert "unreadable, scanning the log again" in caplog.text
+    assert "from_cache" in scan_fetch_check(s).levels["scan"]  # the torn entry was replaced
+    (entry / "meta.json").unlink()  # an eviction cut short leaves a folder without meta.json
+    assert "from_cache" not in scan_fetch_check(s).levels["scan"]
+    assert "from_cache" in scan_fetch_check(s).levels["scan"]  # and it does not block its key
     off = _settings(tmp_path / "off", data, scan_cache=False)
     scan_fetch_check(off)
     assert not (tmp_path / "off" / "runs" / "cache" / "scans").exists()
@@ -104,3 +108,14 @@ def test_cached_population_keeps_its_types(tmp_path: Path, rows: list[dict[str, 
     assert cached.turns.with_columns(pl.col(pl.Categorical).cast(pl.String)).equals(
         scanned.turns.with_columns(pl.col(pl.Categorical).cast(pl.String)))
     assert cached.kept == scanned.kept and cached.time_range == scanned.time_range
+
+
+def test_an_unreadable_file_is_named_with_the_cache_on(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    _log(folder / "a.jsonl.gz", rows)
+    (folder / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")  # a dangling link
+    from tasks.load import InputError
+
+    with pytest.raises(InputError, match=r"b\.jsonl"):
+        scan_fetch_check(_settings(tmp_path, folder))

@@ -164,7 +164,7 @@ def test_gzip_members_padding_and_damage(tmp_path: Path, monkeypatch: pytest.Mon
     lines = [json.dumps({"conversation_id": f"c{i}", "pad": "x" * (i % 300)}) for i in range(20_000)]
     data = ("\n".join(lines) + "\n").encode()
     one, two = gzip.compress(data[: len(data) // 3]), gzip.compress(data[len(data) // 3:])
-    (tmp_path / "multi.jsonl.gz").write_bytes(one + two + b"\x00" * 64)
+    (tmp_path / "multi.jsonl.gz").write_bytes(one + b"\x00" * 8 + two + b"\x00" * 64)  # zeros between members too
     got = b"".join(block for _, block in tasks.scan.jsonl_blocks(str(tmp_path / "multi.jsonl.gz")))
     assert got == data
     (tmp_path / "cut.jsonl.gz").write_bytes(one + two[: len(two) // 2])
@@ -214,3 +214,5 @@ def test_retention_keeps_a_bounded_superset_of_what_the_draw_picks(tmp_path: Pat
     assert len(scanned.kept) <= 2 * 40 + 16 * strata + 40 < len(rows) / 2
     equal = load_settings(overrides={"run": {"data": str(path)}, "sample": {"n": 40, "scan": "on", "allocation": "equal"}})
     assert draw_sample_scan(equal, retain=True)[4].kept == {}
+    odd = load_settings(overrides={"run": {"data": str(path)}, "sample": {"scan": "on", "strata": ["turn_id"]}})
+    assert tasks.scan.Retention.for_settings(odd) is None  # not a scan column: the draw names it
