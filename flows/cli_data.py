@@ -154,7 +154,7 @@ def sample(
             smp, table, population, rep, scanned = draw_sample_scan(
                 s, progress=(lambda done, total: bar("scan (Parquet row groups, JSONL bytes)", done, total)) if bar else None)
             extra = {"scan": True, "rows_in": scanned.rows_in, "rows_excluded": scanned.excluded,
-                     "bad_lines": scanned.bad_lines[:20]}
+                     "bad_lines": scanned.bad_lines[:20], "from_cache": scanned.cached}
         else:
             from tasks.stages import contract_check, draw_sample
 
@@ -180,6 +180,9 @@ def sample(
     if as_json:
         print(json.dumps(result))
     else:
+        if extra.get("from_cache"):
+            typer.echo(f"population from the scan cache (the files unchanged since their scan at "
+                       f"{extra['from_cache']['created_at']}; sample.scan_cache: false to scan again)")
         typer.echo(f"sampled {smp.height} of {population} turns in {table.height} strata -> {out}")
         typer.echo(f"stratum mix vs population: PSI {rep['psi']:.4f}, chi-square {rep['chi_square']:.2f} (p {rep['chi_square_p']:.3f})")
         if rep["empty_strata"]:

@@ -133,6 +133,11 @@ def test_sample_cli_on_parquet_scans_and_prints_contract_fields(tmp_path: Path, 
     frame = pl.read_parquet(out)
     assert frame.height == 80 and frame["weight"].sum() == pytest.approx(res["population_turns"])
     assert frame.schema["turn_index"] == pl.Int64 and frame.schema["surface"] == pl.String
+    assert res["from_cache"] is None
+    again = run_cli(["sample", "--data", str(nested), "--n", "80", "--out", str(tmp_path / "t.parquet")], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "population from the scan cache" in again.stdout  # the first run's scan, kept in ./depsim-runs
+    assert pl.read_parquet(tmp_path / "t.parquet").equals(frame)
 
 
 @pytest.mark.parametrize(("args", "message"), [
