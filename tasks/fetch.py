@@ -35,7 +35,15 @@ from tasks.config import Settings
 from tasks.load import InputError, line_row, parquet_records, resolve_sources
 from tasks.records import RAW_SCHEMA
 from tasks.sample import representativeness, stratum_key, unit_hash
-from tasks.scan import ScanResult, _open, draw_sample_scan, draw_units, is_jsonl, jsonl_blocks
+from tasks.scan import (
+    ScanResult,
+    _lines_at,
+    _open,
+    draw_sample_scan,
+    draw_units,
+    is_jsonl,
+    jsonl_blocks,
+)
 
 MAX_ROUNDS = 20
 
@@ -166,22 +174,17 @@ def _rows(source: str, lines: list[int], raws: list[bytes]) -> pl.DataFrame:
 def _fetch_lines(source: str, lines: set[int]) -> pl.DataFrame:
     """The raw rows of these line numbers of a JSONL(.gz) file (one pass; only they are parsed).
     A line the file no longer has is simply absent (the caller counts it missing at fetch)."""
-    out: dict[str, list[Any]] = {c: [] for c in RAW_SCHEMA}
     ordered = sorted(lines)
-    pos = 0
+    found: list[int] = []
+    raws: list[bytes] = []
     for first, block in jsonl_blocks(source):
-        n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-        if pos >= len(ordered):
+        if len(found) == len(ordered):
             break
-        if ordered[pos] >= first + n:
-            continue
-        split = block.split(b"\n")
-        while pos < len(ordered) and ordered[pos] < first + n:
-            record, error, excerpt, _ = line_row(split[ordered[pos] - first])
-            for c, v in zip(RAW_SCHEMA, (source, ordered[pos], record, error, excerpt), strict=True):
-                out[c].append(v)
-            pos += 1
-    return pl.DataFrame(out, schema=RAW_SCHEMA)
+        n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        here = [ln for ln in ordered[len(found):] if ln < first + n]
+        raws += _lines_at(block, [ln - first for ln in here])
+        found += here
+    return _rows(source, found, raws)
 
 
 def replace_quarantined(sample: pl.DataFrame, turns: pl.DataFrame, table: pl.DataFrame, bad: set[str],

@@ -530,6 +530,11 @@ class Retention:
         return draw_units(f, self.s).select(
             "_file", "_line", _s=key, _u=unit_hash(self.s.run.seed).cast(pl.Float64) / 2.0**64)
 
+    def _limit(self) -> pl.Expr:
+        """The keep bound of each unit's stratum: FACTOR * n / N + MARGIN / N_h, as seen so far."""
+        return pl.lit(self.FACTOR * self.n / max(self.seen, 1)) + pl.lit(self.MARGIN) / pl.col("_s").replace_strict(
+            self.per_stratum, default=1.0, return_dtype=pl.Float64)
+
     def add(self, units: pl.DataFrame, block: bytes, first_line: int) -> None:
         """Take a block's units (units_of) and bytes; blocks come in file order."""
         if self.off or units.height == 0:
@@ -537,8 +542,7 @@ class Retention:
         self.seen += units.height
         for h, k in units.group_by("_s").len().iter_rows():
             self.per_stratum[h] = self.per_stratum.get(h, 0) + k
-        limit = pl.lit(self.FACTOR * self.n / self.seen) + pl.lit(self.MARGIN) / pl.col("_s").replace_strict(
-            self.per_stratum, return_dtype=pl.Float64)
+        limit = self._limit()
         new = units.filter(pl.col("_u") < limit)
         if new.height:
             self.units = pl.concat([self.units, new])
@@ -560,9 +564,7 @@ class Retention:
         """The kept lines (none when over BUDGET), pruned to the final bounds."""
         if self.off:
             return {}
-        limit = pl.lit(self.FACTOR * self.n / max(self.seen, 1)) + pl.lit(self.MARGIN) / pl.col("_s").replace_strict(
-            self.per_stratum, default=1.0, return_dtype=pl.Float64)
-        need = set(self.units.filter(pl.col("_u") < limit).select("_file", "_line").iter_rows())
+        need = set(self.units.filter(pl.col("_u") < self._limit()).select("_file", "_line").iter_rows())
         return {k: v for k, v in self.lines.items() if k in need}
 
 
