@@ -43,6 +43,7 @@ from tasks.scan import (
     draw_units,
     is_jsonl,
     jsonl_blocks,
+    line_count,
 )
 
 MAX_ROUNDS = 20
@@ -180,7 +181,7 @@ def _fetch_lines(source: str, lines: set[int]) -> pl.DataFrame:
     for first, block in jsonl_blocks(source):
         if len(found) == len(ordered):
             break
-        n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        n = line_count(block)
         here = [ln for ln in ordered[len(found):] if ln < first + n]
         raws += _lines_at(block, [ln - first for ln in here])
         found += here

@@ -37,6 +37,7 @@ def rows() -> list[dict[str, Any]]:
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tasks.scan, "BLOCK_BYTES", 64 << 10)  # many blocks, lines cut across reads
+    monkeypatch.setattr(tasks.scan, "COMPACT", 4)  # their frames compacted now and then
 
 
 @pytest.mark.parametrize("name", ["logs.jsonl", "logs.jsonl.gz"])
