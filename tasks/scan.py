@@ -341,6 +341,15 @@ def line_count(block: bytes) -> int:
     return newlines(block) + (0 if not block or block.endswith(b"\n") else 1)
 
 
+def _lines_and_braces(block: bytes) -> tuple[int, bool]:
+    """(lines of a block of whole lines, whether every one of them starts with "{")."""
+    a = np.frombuffer(block, dtype=np.uint8)
+    nl = np.flatnonzero(a == 10)
+    lines = len(nl) + (0 if not block or block.endswith(b"\n") else 1)
+    after = nl[nl + 1 < len(a)] + 1
+    return lines, bool(len(a) and a[0] == 123 and (a[after] == 123).all())
+
+
 def jsonl_blocks(source: str, block_bytes: int | None = None,
                  on_read: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
     """(number of the block's first line, block of whole lines) over a JSONL(.gz) file; the last
@@ -446,27 +455,30 @@ def _line_projection(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
     return row, None
 
 
-def _block_table(source: str, first_line: int, block: bytes, n_lines: int,
+def _block_table(source: str, first_line: int, block: bytes, n_lines: int, braces: bool,
                  bad: list[dict[str, Any]]) -> tuple[pa.Table, np.ndarray, dict[str, int]]:
     """A block's projected table, the line number of each row, and lines left out by rule.
 
-    Arrow's JSON reader parses the block on every core; when it refuses the block (a broken
-    line, a field of another type) or its rows do not map one to one onto the lines (blank
-    lines), the block is read line by line instead, and every line that is not a conversation
-    is named in `bad` (file, line, rule, reason) and counted.
+    Arrow's JSON reader parses the block on every core. Its rows are records, not lines: they
+    are the lines one to one only when every line starts with "{" (`braces`: no blank line)
+    and there are as many rows as lines (no line with two records). Otherwise, or when it
+    refuses the block (a broken line, a field of another type), the block is read line by line,
+    and every line that is not a conversation is named in `bad` (file, line, rule, reason) and
+    counted.
     """
     import io
 
     import pyarrow.json as pj
 
-    try:
-        tbl = pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=4 << 20),
-                           parse_options=pj.ParseOptions(explicit_schema=_JSONL_SCHEMA,
-                                                         unexpected_field_behavior="ignore"))
-        if tbl.num_rows == n_lines:
-            return tbl, np.arange(first_line, first_line + n_lines, dtype=np.int64), {}
-    except (pa.ArrowException, OSError):
-        pass
+    if braces:
+        try:
+            tbl = pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=4 << 20),
+                               parse_options=pj.ParseOptions(explicit_schema=_JSONL_SCHEMA,
+                                                             unexpected_field_behavior="ignore"))
+            if tbl.num_rows == n_lines:
+                return tbl, np.arange(first_line, first_line + n_lines, dtype=np.int64), {}
+        except (pa.ArrowException, OSError):
+            pass
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     excluded: dict[str, int] = {}
@@ -614,8 +626,8 @@ def _block_turns(source: str, file_idx: int, first_line: int, block: bytes,
     bad lines named and the retention's units. Runs in a worker thread: Arrow's parse and Polars
     release the GIL."""
     bad: list[dict[str, Any]] = []
-    n_lines = line_count(block)
-    tbl, lines, excluded = _block_table(source, first_line, block, n_lines, bad)
+    n_lines, braces = _lines_and_braces(block)
+    tbl, lines, excluded = _block_table(source, first_line, block, n_lines, braces, bad)
     conv = pl.from_arrow(tbl.select(list(CONV_COLUMNS)))
     assert isinstance(conv, pl.DataFrame)
     conv = _normalise_conv(conv).with_columns(_file=pl.lit(file_idx, pl.UInt16), _line=pl.Series(lines, dtype=pl.UInt32))

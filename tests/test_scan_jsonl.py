@@ -86,6 +86,23 @@ def test_broken_lines_are_named_counted_and_the_rest_is_scanned(tmp_path: Path, 
     assert len(run.levels["scan"]["bad_lines"]) == 4 and run.sample.height == 80
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\r"])
+def test_two_records_on_one_line_are_named_even_beside_a_blank_line(tmp_path: Path, rows: list[dict[str, Any]],
+                                                                     blank: str) -> None:
+    # Arrow's reader returns a row per record, not per line: a line holding two records and a
+    # blank line in the same block give as many rows as lines, each after them one line off.
+    lines = [json.dumps(r) for r in rows[:20]]
+    lines[3] = json.dumps(rows[3]) + " " + json.dumps(rows[20])           # two records, one line
+    lines[5] = blank                                                       # a blank (or white) line
+    path = _jsonl(tmp_path / "two.jsonl", lines)
+    scanned = scan_turns(str(path))
+    assert scanned.rows_in == 20
+    named = {(b["source_line"], b["rule"]) for b in scanned.bad_lines}
+    assert named == {(4, "json_parse"), (6, "json_parse")}
+    firsts = scanned.turns.filter(pl.col("turn_index") == 0).select("conversation_id", "_line").rows()
+    assert sorted(firsts, key=lambda r: r[1]) == [(rows[i]["conversation_id"], i + 1) for i in range(20) if i not in (3, 5)]
+
+
 def test_a_sampled_conversation_that_breaks_the_contract_or_is_gone_at_fetch_is_replaced(
         tmp_path: Path, rows: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     broken = [{**r, "created_at": "yesterday"} if i % 10 == 3 else r for i, r in enumerate(rows)]  # the scan can't tell
