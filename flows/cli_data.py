@@ -193,46 +193,51 @@ def sample(
              "  depsim scan --data logs/prod.jsonl.gz --n 2000              # when the log lands\n"
              "  depsim run --data logs/prod.jsonl.gz --n 2000 --candidate ckpt-42   # after each checkpoint\n"
              "  depsim scan --data logs/ --store /srv/depsim-runs --json   # runs with the same --store\n\n"
-             "Exit status: 0 done · 4 a missing or unreadable file, a log the scan cannot read, a "
-             "bad configuration · 2 usage error · 130 interrupted.")
+             "Exit status: 0 done, or nothing to prepare (said why) · 4 a missing or unreadable file, a log "
+             "the scan cannot read, a bad configuration · 2 usage error · 130 interrupted.")
 def scan(
     data: DataOpt = None,
     config: ConfigOpt = None,
-    store: Annotated[str | None, typer.Option(help="Run store whose scan cache is filled: a folder or s3:// prefix. Default: run.store (./depsim-runs).")] = None,
+    store: Annotated[str | None, typer.Option(help="The runs' store: its scan cache is filled (<store>/cache/scans; for an s3:// store a local .depsim/cache/scans under the current folder, which only runs started there read). Default: run.store (./depsim-runs).")] = None,
     n: Annotated[int | None, typer.Option("--n", min=1, help="The runs' sample size: the lines such a draw picks are kept. Default: sample.n (1000).")] = None,
     seed: SeedOpt = None,
     strata: Annotated[str | None, typer.Option(help="The runs' stratum columns. Default: sample.strata.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="The runs' --baseline (it filters the logs to that model). Default: logs not filtered.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Scan a log into the run store's scan cache once, so that the runs over it do not.
 
-    The one pass over the log that a first `depsim run` makes (inflate, parse, count turns per
-    stratum, keep the lines its draw picks) made ahead, e.g. when a new log lands: the next
-    `depsim run` over the unchanged files with the same store and draw settings (--n, --seed,
-    strata, allocation, turn choice, filters) reads neither the log nor its lines again. Another
-    draw over the cached population reads only its lines, in one pass. Parquet and JSONL(.gz).
+    The one pass over the log that a first `depsim run` makes (inflate, parse, count turns per stratum, keep the JSONL lines its draw picks) made ahead, e.g. when a new log lands. The next `depsim run` over the unchanged files with the same store and draw settings (--n, --seed, strata, --baseline, allocation, turn choice, filters) does not scan the log, and from JSONL does not read its lines again. Another draw over the cached population reads only its lines, in one pass. When runs with these settings would not read the cache (sample.scan_cache false, or a log they load whole), it says so and does nothing.
     """
     from tasks.load import InputError
     from tasks.sample import SampleError
     from tasks.scan import draw_sample_scan, is_jsonl, scan_eligible
-    from tasks.scan_cache import cache_root, log_key
+    from tasks.scan_cache import cache_root
 
     t0 = time.perf_counter()
-    over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "sample": {"scan": "on", "scan_cache": True}}
+    over: dict[str, Any] = {"run": {**_seed(seed, as_json)}, "sample": {}}
     if data:
         over["run"]["data"] = data
     if store:
         over["run"]["store"] = store
+    if baseline:
+        over["run"]["production_models"] = [baseline]
     if n is not None:
         over["sample"]["n"] = n
     if strata is not None:
         over["sample"]["strata"] = [c.strip() for c in strata.split(",") if c.strip()]
     s = _settings(config, over, as_json)
     try:
-        if not scan_eligible(s):
-            _fail(f"{s.run.data}: the scan reads Parquet and JSONL(.gz) logs and draws without dedupe or "
-                  "labels priors (sample.dedupe, sample.prior); this log and these settings are loaded whole "
-                  "by every run, so there is nothing to keep", as_json)
+        why = ("sample.scan_cache is false, so runs do not read the cache" if not s.sample.scan_cache else
+               None if scan_eligible(s) else
+               "runs load this log whole and check every conversation (sample.scan, sample.scan_jsonl_min_mb: "
+               "JSONL under the size is loaded; sample.dedupe and labels priors need whole conversations)")
+        if why:
+            if as_json:
+                print(json.dumps({"skipped": why, "cache": None, "elapsed_s": round(time.perf_counter() - t0, 2)}))
+            else:
+                typer.echo(f"nothing to prepare: {why}")
+            return
         bar = Progress() if not as_json else None
         _, _, population, _, scanned = draw_sample_scan(
             s, progress=(lambda done, total: bar("scan (Parquet row groups, JSONL bytes)", done, total)) if bar else None,
@@ -241,8 +246,8 @@ def scan(
             scanned.saving.join()
     except (InputError, SampleError) as exc:
         _fail(str(exc), as_json)
-    key = (scanned.cached or {}).get("key") or log_key(s.run.data)
-    entry = cache_root(s) / key if key else None
+    entry = (cache_root(s) / scanned.key).resolve() if scanned.key else None
+    jsonl = any(is_jsonl(src) for src in scanned.sources)
     result = {"population_turns": population, "rows_in": scanned.rows_in, "files": scanned.files,
               "rows_excluded": scanned.excluded, "bad_lines": scanned.bad_lines[:20],
               "time_range": scanned.time_range, "kept_lines": len(scanned.kept),
@@ -260,12 +265,13 @@ def scan(
         for b in scanned.bad_lines[:20]:
             typer.echo(f"bad line: {b['source_file']}:{b['source_line']} {b['rule']}: {b['reason']}")
     if result["cache"] is None:
-        typer.secho("the scan cache could not be written (see the warning above): runs will scan again",
-                    fg="yellow", err=True)
-    else:
-        typer.echo(f"kept {len(scanned.kept):,} lines for a draw of {s.sample.n} turns (seed {s.run.seed}) -> {result['cache']}")
-        if not scanned.kept and any(is_jsonl(src) for src in scanned.sources):
-            typer.echo("no lines kept for this draw: a run reads its lines in one pass over the files")
+        typer.secho("the scan cache was not written (a file that cannot be fingerprinted, or a store that cannot "
+                    "be written: see the warning above): runs will scan again", fg="yellow", err=True)
+        return
+    typer.echo(f"-> {result['cache']}")
+    if jsonl:
+        typer.echo(f"kept {len(scanned.kept):,} lines for a draw of {s.sample.n} turns (seed {s.run.seed})" if scanned.kept
+                   else "no lines kept for this draw: a run reads its lines in one pass over the files")
 
 
 @app.command("synth-logs", epilog="Examples:\n"

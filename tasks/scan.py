@@ -63,6 +63,8 @@ class ScanResult:
     cached: dict[str, Any] | None = None
     # The scan cache's write of this result, running in a thread (join() before relying on it).
     saving: Any = None
+    # Its scan cache key (None when the cache is off or a file could not be fingerprinted).
+    key: str | None = None
 
 
 def _size(source: str) -> int:
@@ -342,12 +344,18 @@ def line_count(block: bytes) -> int:
 
 
 def _lines_and_braces(block: bytes) -> tuple[int, bool]:
-    """(lines of a block of whole lines, whether every one of them starts with "{")."""
+    """(lines of a block of whole lines, whether every one of them starts with "{" and ends
+    with "}" (before a "\r"): then no record spans two lines)."""
     a = np.frombuffer(block, dtype=np.uint8)
     nl = np.flatnonzero(a == 10)
     lines = len(nl) + (0 if not block or block.endswith(b"\n") else 1)
+    if not len(a) or a[0] != 123:
+        return lines, False
     after = nl[nl + 1 < len(a)] + 1
-    return lines, bool(len(a) and a[0] == 123 and (a[after] == 123).all())
+    ends = nl if block.endswith(b"\n") else np.append(nl, len(a))
+    last = ends - 1
+    last = np.where((last > 0) & (a[np.maximum(last, 0)] == 13), last - 1, last)
+    return lines, bool((a[after] == 123).all() and (last >= 0).all() and (a[np.maximum(last, 0)] == 125).all())
 
 
 def jsonl_blocks(source: str, block_bytes: int | None = None,
@@ -835,6 +843,7 @@ def draw_sample_scan(s: Settings, progress: Callable[[int, int], None] | None = 
             # Written in a thread while the run goes on (finished before the process exits), and
             # only after the draw: its working memory and the write's do not add up at the peak.
             scanned.saving = scan_cache.save_in_background(s, key, scanned)
+    scanned.key = key
     sample = (sample.with_columns(pl.col(col).cast(dtype) for col, dtype in TURN_SCHEMA.items())
               .drop("_file", "_line", strict=False)  # where a JSONL conversation is: for the fetch only
               .with_columns(pl.col("prefix_bucket").cast(pl.String)))

@@ -128,20 +128,26 @@ def test_depsim_scan_fills_the_cache_that_the_next_run_reads(tmp_path: Path, row
     data = _log(tmp_path / "logs.jsonl.gz", rows)
     store = tmp_path / "runs"
     cmd = ["scan", "--data", str(data), "--store", str(store), "--n", "50", "--json"]
-    first = run_cli(cmd, cwd=tmp_path)
+    small = run_cli(cmd, cwd=tmp_path)            # sample.scan auto: runs load a log this small whole
+    assert small.returncode == 0 and "load this log whole" in json.loads(small.stdout)["skipped"]
+    assert not store.exists()
+    on = {"DEPSIM_SAMPLE__SCAN": "on"}            # as the runs' configuration says
+    first = run_cli(cmd, cwd=tmp_path, env=on)
     assert first.returncode == 0, first.stderr
     got = json.loads(first.stdout)
     assert got["from_cache"] is None and got["rows_in"] == 400 and got["kept_lines"] >= 50
     assert got["cache"] and (Path(got["cache"]) / "meta.json").is_file()
-    again = json.loads(run_cli(cmd, cwd=tmp_path).stdout)                   # nothing to do the second time
+    again = json.loads(run_cli(cmd, cwd=tmp_path, env=on).stdout)          # nothing to do the second time
     assert again["from_cache"]["key"] == Path(got["cache"]).name and again["kept_lines"] == got["kept_lines"]
     with monkeypatch.context() as m:                                      # the run: no scan, no line read again
         _no_scan(m)
         run = scan_fetch_check(_settings(tmp_path, data))
     assert run.levels["scan"]["from_cache"]["kept_lines"] is True
     assert run.levels["fetch"]["lines_read_again"] == 0 < run.levels["fetch"]["lines_from_scan"]
-    text = run_cli(["scan", "--data", str(data), "--store", str(store), "--n", "30"], cwd=tmp_path)
+    text = run_cli(["scan", "--data", str(data), "--store", str(store), "--n", "30"], cwd=tmp_path, env=on)
     assert text.returncode == 0 and "already in the scan cache" in text.stdout
     assert "no lines kept for this draw" in text.stdout                   # another draw: its lines in one pass
-    bad = run_cli(["scan", "--data", str(tmp_path / "nope.jsonl"), "--json"], cwd=tmp_path)
+    off = run_cli(cmd, cwd=tmp_path, env={**on, "DEPSIM_SAMPLE__SCAN_CACHE": "false"})
+    assert off.returncode == 0 and "scan_cache is false" in json.loads(off.stdout)["skipped"]
+    bad = run_cli(["scan", "--data", str(tmp_path / "nope.jsonl"), "--json"], cwd=tmp_path, env=on)
     assert bad.returncode == 4 and "nope.jsonl" in json.loads(bad.stdout)["error"]

@@ -103,6 +103,21 @@ def test_two_records_on_one_line_are_named_even_beside_a_blank_line(tmp_path: Pa
     assert sorted(firsts, key=lambda r: r[1]) == [(rows[i]["conversation_id"], i + 1) for i in range(20) if i not in (3, 5)]
 
 
+def test_a_record_split_over_two_lines_is_named_beside_a_line_with_two(tmp_path: Path,
+                                                                       rows: list[dict[str, Any]]) -> None:
+    # Every line starts with "{", and Arrow reads the split record as one row: without the check
+    # that each line also ends with "}", rows and lines are as many, each one line off.
+    lines = [json.dumps(r) for r in rows[:10]]
+    lines[2:4] = ['{"x":', '{"y": 1}}']                                    # one record, two lines
+    lines[6] = json.dumps(rows[6]) + " " + json.dumps(rows[20])           # two records, one line
+    path = _jsonl(tmp_path / "split.jsonl", lines)
+    scanned = scan_turns(str(path))
+    assert {(b["source_line"], b["rule"]) for b in scanned.bad_lines} == {(3, "json_parse"), (4, "json_parse"),
+                                                                          (7, "json_parse")}
+    firsts = scanned.turns.filter(pl.col("turn_index") == 0).select("conversation_id", "_line").rows()
+    assert sorted(firsts, key=lambda r: r[1]) == [(rows[i]["conversation_id"], i + 1) for i in (0, 1, 4, 5, 7, 8, 9)]
+
+
 def test_a_sampled_conversation_that_breaks_the_contract_or_is_gone_at_fetch_is_replaced(
         tmp_path: Path, rows: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     broken = [{**r, "created_at": "yesterday"} if i % 10 == 3 else r for i, r in enumerate(rows)]  # the scan can't tell
