@@ -352,10 +352,9 @@ def _lines_and_braces(block: bytes) -> tuple[int, bool]:
     if not len(a) or a[0] != 123:
         return lines, False
     after = nl[nl + 1 < len(a)] + 1
-    ends = nl if block.endswith(b"\n") else np.append(nl, len(a))
-    last = ends - 1
-    last = np.where((last > 0) & (a[np.maximum(last, 0)] == 13), last - 1, last)
-    return lines, bool((a[after] == 123).all() and (last >= 0).all() and (a[np.maximum(last, 0)] == 125).all())
+    last = (nl if block.endswith(b"\n") else np.append(nl, len(a))) - 1  # >= 1: a[0] is "{"
+    last -= a[last] == 13
+    return lines, bool((a[after] == 123).all() and (a[last] == 125).all())
 
 
 def jsonl_blocks(source: str, block_bytes: int | None = None,
